@@ -1,0 +1,349 @@
+//! Small, deterministic ONNX models the project makes itself: the quick-start teacher committed as
+//! `onnx/quickstart.onnx` (written by `cargo run --release --example make_fixtures`) and BN variants
+//! (folded, partially folded, parameters behind Constant/Identity, pre-activation, unresolvable) that
+//! tests build in memory. Weights are random but fixed by the seed (ChaCha8), so files are
+//! reproducible bit for bit.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::builder::{Dim, ModelBuilder, attr_float, attr_int, attr_ints, attr_tensor, tensor_f32};
+use super::pb::{ModelProto, tensor_proto::DataType};
+
+/// Seed of the committed quick-start model.
+pub const QUICKSTART_SEED: u64 = 20261121;
+/// BatchNormalization epsilon used by the fixtures (PyTorch's default).
+pub const BN_EPS: f32 = 1e-5;
+
+/// How BatchNormalization appears in a [`resnet_like`] model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnVariant {
+    /// Every conv followed by a BN with initializer parameters.
+    Kept,
+    /// Every BN folded into its conv (the exporter's default): no BN left.
+    Folded,
+    /// `bn3` folded into `conv3`, the others kept.
+    PartiallyFolded,
+    /// BN parameters routed through Constant nodes and Identity chains, as real exports do.
+    ConstantParams,
+    /// `bn2`'s running mean is a graph input: not a constant, so its statistics are unknown.
+    ParamFromInput,
+}
+
+struct Rand(ChaCha8Rng);
+
+impl Rand {
+    fn normal(&mut self, n: usize, std: f32) -> Vec<f32> {
+        let d = Normal::new(0.0f32, std).expect("std is positive");
+        (0..n).map(|_| d.sample(&mut self.0)).collect()
+    }
+    fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.0.random_range(lo..hi)).collect()
+    }
+}
+
+/// A conv layer with its BN parameters (drawn once, used kept or folded).
+struct ConvBn {
+    name: &'static str,
+    cin: usize,
+    cout: usize,
+    stride: i64,
+    w: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    mean: Vec<f32>,
+    var: Vec<f32>,
+}
+
+impl ConvBn {
+    fn new(r: &mut Rand, name: &'static str, cin: usize, cout: usize, stride: i64) -> Self {
+        let std = (2.0 / (cin * 9) as f32).sqrt();
+        Self {
+            name,
+            cin,
+            cout,
+            stride,
+            w: r.normal(cout * cin * 9, std),
+            gamma: r.uniform(cout, 0.8, 1.2),
+            beta: r.normal(cout, 0.1),
+            mean: r.normal(cout, 0.3),
+            var: r.uniform(cout, 0.5, 1.5),
+        }
+    }
+
+    fn conv_attrs(&self) -> Vec<super::pb::AttributeProto> {
+        vec![
+            attr_ints("kernel_shape", &[3, 3]),
+            attr_ints("pads", &[1, 1, 1, 1]),
+            attr_ints("strides", &[self.stride, self.stride]),
+        ]
+    }
+
+    /// Conv weights and bias with the BN folded in: w' = w*g/sqrt(v+eps), b' = beta - mean*g/sqrt(v+eps).
+    fn folded(&self) -> (Vec<f32>, Vec<f32>) {
+        let k = self.cin * 9;
+        let mut w = self.w.clone();
+        let mut b = vec![0.0; self.cout];
+        for o in 0..self.cout {
+            let s = self.gamma[o] / (self.var[o] + BN_EPS).sqrt();
+            w[o * k..(o + 1) * k].iter_mut().for_each(|x| *x *= s);
+            b[o] = self.beta[o] - self.mean[o] * s;
+        }
+        (w, b)
+    }
+
+    /// Emits Conv (+ BN unless folded); returns the output tensor name.
+    fn emit(&self, m: &mut ModelBuilder, x: &str, fold: bool, params: BnParams) -> String {
+        let conv_out = format!("{}_out", self.name);
+        let wname = format!("{}.weight", self.name);
+        if fold {
+            let (w, b) = self.folded();
+            m.init_f32(&wname, &[self.cout, self.cin, 3, 3], &w);
+            let bname = m.init_f32(&format!("{}.bias", self.name), &[self.cout], &b);
+            m.node(
+                "Conv",
+                self.name,
+                &[x, &wname, &bname],
+                &[&conv_out],
+                self.conv_attrs(),
+            );
+            return conv_out;
+        }
+        m.init_f32(&wname, &[self.cout, self.cin, 3, 3], &self.w);
+        m.node(
+            "Conv",
+            self.name,
+            &[x, &wname],
+            &[&conv_out],
+            self.conv_attrs(),
+        );
+        let bn = self.name.replace("conv", "bn");
+        let out = format!("{bn}_out");
+        let c = self.cout;
+        let names: Vec<String> = [
+            ("weight", &self.gamma),
+            ("bias", &self.beta),
+            ("running_mean", &self.mean),
+            ("running_var", &self.var),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, (what, v))| {
+            let name = format!("{bn}.{what}");
+            match params {
+                BnParams::Initializers => m.init_f32(&name, &[c], v),
+                BnParams::Constants => {
+                    // Constant -> Identity -> Identity for one parameter, a plain Constant for the rest.
+                    let cname = format!("{name}.const");
+                    m.node(
+                        "Constant",
+                        &format!("{bn}_const{i}"),
+                        &[],
+                        &[&cname],
+                        vec![attr_tensor("value", tensor_f32(&cname, &[c], v))],
+                    );
+                    if i == 0 {
+                        let mid = format!("{name}.id1");
+                        m.node(
+                            "Identity",
+                            &format!("{bn}_id{i}a"),
+                            &[&cname],
+                            &[&mid],
+                            vec![],
+                        );
+                        m.node(
+                            "Identity",
+                            &format!("{bn}_id{i}b"),
+                            &[&mid],
+                            &[&name],
+                            vec![],
+                        );
+                        name
+                    } else {
+                        cname
+                    }
+                }
+                BnParams::IdentityBias => {
+                    let n = m.init_f32(&name, &[c], v);
+                    if *what == "bias" {
+                        let id = format!("{name}.identity");
+                        m.node(
+                            "Identity",
+                            &format!("{bn}_bias_identity"),
+                            &[&n],
+                            &[&id],
+                            vec![],
+                        );
+                        id
+                    } else {
+                        n
+                    }
+                }
+                BnParams::MeanFromInput if *what == "running_mean" => {
+                    m.input(&name, DataType::Float, &[Dim::Fixed(c as i64)]);
+                    name
+                }
+                BnParams::MeanFromInput => m.init_f32(&name, &[c], v),
+            }
+        })
+        .collect();
+        m.node(
+            "BatchNormalization",
+            &bn,
+            &[&conv_out, &names[0], &names[1], &names[2], &names[3]],
+            &[&out],
+            vec![attr_float("epsilon", BN_EPS), attr_float("momentum", 0.9)],
+        );
+        out
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum BnParams {
+    Initializers,
+    Constants,
+    IdentityBias,
+    MeanFromInput,
+}
+
+fn relu(m: &mut ModelBuilder, name: &str, x: &str) -> String {
+    let out = format!("{name}_out");
+    m.node("Relu", name, &[x], &[&out], vec![]);
+    out
+}
+
+/// GlobalAveragePool -> Flatten -> Gemm head, output `logits` [N, classes].
+fn head(m: &mut ModelBuilder, r: &mut Rand, x: &str, c: usize, classes: usize) {
+    m.node("GlobalAveragePool", "pool", &[x], &["pool_out"], vec![]);
+    m.node(
+        "Flatten",
+        "flatten",
+        &["pool_out"],
+        &["flat"],
+        vec![attr_int("axis", 1)],
+    );
+    let w = r.normal(classes * c, (1.0 / c as f32).sqrt());
+    let b = r.normal(classes, 0.01);
+    m.init_f32("fc.weight", &[classes, c], &w);
+    m.init_f32("fc.bias", &[classes], &b);
+    m.node(
+        "Gemm",
+        "fc",
+        &["flat", "fc.weight", "fc.bias"],
+        &["logits"],
+        vec![attr_int("transB", 1)],
+    );
+    m.output(
+        "logits",
+        DataType::Float,
+        &[Dim::from("N"), Dim::Fixed(classes as i64)],
+    );
+}
+
+/// A small residual CNN for 3x32x32 inputs and 10 classes: stem conv, a stride-2 conv, one basic
+/// residual block, global pooling and a linear classifier (opset 17, dynamic batch `N`).
+pub fn resnet_like(variant: BnVariant, seed: u64) -> ModelProto {
+    let mut r = Rand(ChaCha8Rng::seed_from_u64(seed));
+    let layers = [
+        ConvBn::new(&mut r, "conv1", 3, 16, 1),
+        ConvBn::new(&mut r, "conv2", 16, 32, 2),
+        ConvBn::new(&mut r, "conv3", 32, 32, 1),
+        ConvBn::new(&mut r, "conv4", 32, 32, 1),
+    ];
+    let mut m = ModelBuilder::new("datafree_quickstart", 17);
+    m.input(
+        "input",
+        DataType::Float,
+        &[Dim::from("N"), 3.into(), 32.into(), 32.into()],
+    );
+    let fold = |i: usize| match variant {
+        BnVariant::Folded => true,
+        BnVariant::PartiallyFolded => i == 2,
+        _ => false,
+    };
+    let params = |i: usize| match variant {
+        BnVariant::ConstantParams if i == 0 => BnParams::Constants,
+        BnVariant::ConstantParams if i == 3 => BnParams::IdentityBias,
+        BnVariant::ParamFromInput if i == 1 => BnParams::MeanFromInput,
+        _ => BnParams::Initializers,
+    };
+    let x = layers[0].emit(&mut m, "input", fold(0), params(0));
+    let x = relu(&mut m, "relu1", &x);
+    let x = layers[1].emit(&mut m, &x, fold(1), params(1));
+    let block_in = relu(&mut m, "relu2", &x);
+    let x = layers[2].emit(&mut m, &block_in, fold(2), params(2));
+    let x = relu(&mut m, "relu3", &x);
+    let x = layers[3].emit(&mut m, &x, fold(3), params(3));
+    m.node("Add", "add", &[&x, &block_in], &["add_out"], vec![]);
+    let x = relu(&mut m, "relu4", "add_out");
+    head(&mut m, &mut r, &x, 32, 10);
+    m.build()
+}
+
+/// The committed quick-start teacher.
+pub fn quickstart() -> ModelProto {
+    resnet_like(BnVariant::Kept, QUICKSTART_SEED)
+}
+
+/// A pre-activation residual net (BN -> ReLU -> Conv), where BN inputs come from a conv or an Add.
+pub fn preactivation(seed: u64) -> ModelProto {
+    let mut r = Rand(ChaCha8Rng::seed_from_u64(seed));
+    let mut m = ModelBuilder::new("datafree_preact", 17);
+    m.input(
+        "input",
+        DataType::Float,
+        &[Dim::from("N"), 3.into(), 32.into(), 32.into()],
+    );
+    let conv =
+        |m: &mut ModelBuilder, r: &mut Rand, name: &str, x: &str, cin: usize, cout: usize| {
+            let w = r.normal(cout * cin * 9, (2.0 / (cin * 9) as f32).sqrt());
+            let wn = m.init_f32(&format!("{name}.weight"), &[cout, cin, 3, 3], &w);
+            let out = format!("{name}_out");
+            m.node(
+                "Conv",
+                name,
+                &[x, &wn],
+                &[&out],
+                vec![
+                    attr_ints("kernel_shape", &[3, 3]),
+                    attr_ints("pads", &[1, 1, 1, 1]),
+                ],
+            );
+            out
+        };
+    let bn = |m: &mut ModelBuilder, r: &mut Rand, name: &str, x: &str, c: usize| {
+        let p = [
+            r.uniform(c, 0.8, 1.2),
+            r.normal(c, 0.1),
+            r.normal(c, 0.3),
+            r.uniform(c, 0.5, 1.5),
+        ];
+        let names: Vec<String> = ["weight", "bias", "running_mean", "running_var"]
+            .iter()
+            .zip(&p)
+            .map(|(w, v)| m.init_f32(&format!("{name}.{w}"), &[c], v))
+            .collect();
+        let out = format!("{name}_out");
+        m.node(
+            "BatchNormalization",
+            name,
+            &[x, &names[0], &names[1], &names[2], &names[3]],
+            &[&out],
+            vec![attr_float("epsilon", BN_EPS)],
+        );
+        out
+    };
+    let stem = conv(&mut m, &mut r, "stem", "input", 3, 16);
+    let x = bn(&mut m, &mut r, "bnA", &stem, 16);
+    let x = relu(&mut m, "reluA", &x);
+    let x = conv(&mut m, &mut r, "convA", &x, 16, 16);
+    let x = bn(&mut m, &mut r, "bnB", &x, 16);
+    let x = relu(&mut m, "reluB", &x);
+    let x = conv(&mut m, &mut r, "convB", &x, 16, 16);
+    m.node("Add", "add", &[&x, &stem], &["add_out"], vec![]);
+    let x = bn(&mut m, &mut r, "bnF", "add_out", 16);
+    let x = relu(&mut m, "reluF", &x);
+    head(&mut m, &mut r, &x, 16, 10);
+    m.build()
+}

@@ -1,0 +1,33 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use datafree::onnx::builder::write_model;
+use datafree::onnx::pb::ModelProto;
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/teachers/NAME`, or None (with the reason printed) when the shared folder is absent.
+pub fn shared_teacher(name: &str) -> Option<PathBuf> {
+    let p = repo().join("../shared/teachers").join(name);
+    if p.is_file() {
+        Some(p)
+    } else {
+        println!(
+            "SKIP: {} is absent (the shared teachers are not on this machine)",
+            p.display()
+        );
+        None
+    }
+}
+
+/// Writes a model into a fresh temp dir; returns (dir guard, path).
+pub fn write_temp(model: &ModelProto, name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    write_model(&path, model).unwrap();
+    (dir, path)
+}

@@ -1,0 +1,85 @@
+//! `inspect` on the real PyTorch-exported teachers in ../shared/teachers (skipped with a printed
+//! reason when that folder is absent).
+
+mod common;
+
+use datafree::onnx::bn::Verdict;
+use datafree::onnx::inspect::{InspectReport, inspect};
+use datafree::onnx::load_model;
+
+fn report(name: &str) -> Option<InspectReport> {
+    let p = common::shared_teacher(name)?;
+    Some(inspect(&load_model(&p).unwrap()))
+}
+
+fn check_kept(r: &InspectReport, bn: usize, classes: usize) {
+    assert_eq!(r.batch_norm.bn_count, bn);
+    assert_eq!(
+        r.batch_norm.resolved_count,
+        bn,
+        "{:?}",
+        r.batch_norm
+            .layers
+            .iter()
+            .filter_map(|l| l.problem.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        r.batch_norm.verdict,
+        Verdict::Complete,
+        "{}",
+        r.batch_norm.message
+    );
+    assert_eq!(r.classes, Some(classes));
+    let res = r.input_resolution.as_ref().unwrap();
+    assert_eq!((res.channels, res.height, res.width), (3, 32, 32));
+    assert!(r.lowering.all_supported, "{:?}", r.lowering.unsupported);
+    for l in &r.batch_norm.layers {
+        let v = l.running_var.unwrap();
+        assert!(v.min > 0.0 && v.max.is_finite(), "{}: {v:?}", l.name);
+        assert_eq!(l.input_producer, "Conv", "{}", l.name);
+    }
+}
+
+#[test]
+fn cifar10_resnet20_has_19_complete_bn_layers() {
+    let Some(r) = report("cifar10_resnet20.onnx") else {
+        return;
+    };
+    check_kept(&r, 19, 10);
+}
+
+#[test]
+fn cifar100_resnet20_resolves_all_22_bn_layers() {
+    let Some(r) = report("cifar100_resnet20.onnx") else {
+        return;
+    };
+    check_kept(&r, 22, 100);
+    // Three shortcut BNs take their bias through an Identity node.
+    let via_identity = r
+        .batch_norm
+        .layers
+        .iter()
+        .filter(|l| l.sources[1].starts_with("Identity"))
+        .count();
+    assert_eq!(via_identity, 3);
+}
+
+#[test]
+fn folded_teachers_have_no_statistics() {
+    for name in [
+        "cifar10_resnet20.bn-folded.onnx",
+        "cifar100_resnet20.bn-folded.onnx",
+    ] {
+        let Some(r) = report(name) else { return };
+        assert_eq!(r.batch_norm.bn_count, 0, "{name}");
+        assert_eq!(r.batch_norm.verdict, Verdict::None, "{name}");
+        assert!(
+            r.batch_norm
+                .fix
+                .as_ref()
+                .unwrap()
+                .contains("do_constant_folding=False")
+        );
+    }
+}
