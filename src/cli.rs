@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::data::{self, Preprocess};
 use crate::onnx;
-use crate::verify::ort_runtime;
+use crate::verify::engine::EngineKind;
+use crate::verify::{eval, ort_runtime};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,12 +37,102 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Accuracy of a float model on labelled data (top-1, top-5, per class in JSON).
+    Eval {
+        /// The ONNX model file.
+        model: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Engine that runs the model.
+        #[arg(long, value_enum, default_value_t = EngineKind::Candle)]
+        engine: EngineKind,
+        /// Images per batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Evaluate only the first N images.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Intra-op threads for ORT (0 = its default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print one JSON document instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run candle, ONNX Runtime and tract side by side on the same inputs and report max absolute
+    /// and relative logit differences and prediction disagreements (exit 1 when candle vs ORT
+    /// exceeds --tolerance or any prediction differs).
+    Check {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// Labelled data to run on (same forms as `eval --data`); without it, seeded N(0,1) noise.
+        #[arg(long)]
+        data: Option<String>,
+        /// Per-channel mean, "r,g,b" (x = (pixel/scale - mean) / std).
+        #[arg(long, value_parser = data::parse_triple)]
+        mean: Option<[f32; 3]>,
+        /// Per-channel std, "r,g,b".
+        #[arg(long, value_parser = data::parse_triple)]
+        std: Option<[f32; 3]>,
+        /// Pixel scale.
+        #[arg(long, default_value_t = 255.0)]
+        scale: f32,
+        /// Number of images (noise inputs, or the first N of --data).
+        #[arg(long, default_value_t = 256)]
+        limit: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Seed of the noise inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest acceptable |candle - ORT| logit difference.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the environment: ONNX Runtime library location and version.
     Doctor {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Labelled data and its preprocessing.
+#[derive(clap::Args, Debug)]
+pub struct DataArgs {
+    /// Labelled data: a CIFAR-10/100 binary file (or `cifar10:FILE` / `cifar100:FILE`), or a folder
+    /// of class sub-folders of PNG/JPEG images (class = sub-folder index in sorted order).
+    #[arg(long)]
+    pub data: String,
+    /// Per-channel mean, "r,g,b" (x = (pixel/scale - mean) / std).
+    #[arg(long, value_parser = data::parse_triple)]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel std, "r,g,b".
+    #[arg(long, value_parser = data::parse_triple)]
+    pub std: Option<[f32; 3]>,
+    /// Pixel scale.
+    #[arg(long, default_value_t = 255.0)]
+    pub scale: f32,
+}
+
+fn preprocess(
+    mean: Option<[f32; 3]>,
+    std: Option<[f32; 3]>,
+    scale: f32,
+) -> anyhow::Result<Preprocess> {
+    let d = Preprocess::default();
+    let p = Preprocess {
+        mean: mean.unwrap_or(d.mean),
+        std: std.unwrap_or(d.std),
+        scale,
+    };
+    anyhow::ensure!(
+        p.std.iter().all(|&s| s != 0.0) && scale != 0.0,
+        "--std and --scale must not be 0"
+    );
+    Ok(p)
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -67,6 +159,95 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", crate::report::render_inspect(&report));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            model,
+            data: d,
+            engine,
+            batch,
+            limit,
+            threads,
+            json,
+        } => {
+            let loaded = onnx::load_model(&model)?;
+            let (_, _, h, w) = eval::input_geometry(&loaded)?;
+            let pre = preprocess(d.mean, d.std, d.scale)?;
+            let mut ds = data::open(&d.data, h, w)?;
+            if let Some(n) = limit {
+                ds.truncate(n);
+            }
+            let r = eval::evaluate(&loaded, &ds, engine, &pre, batch, threads)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: top-1 {:.2}%  top-5 {:.2}%  on {} images of {} ({}), engine {}, {:.1} s ({:.0} images/s)",
+                    r.model,
+                    r.top1,
+                    r.top5,
+                    r.images,
+                    r.data,
+                    r.data_format,
+                    r.engine,
+                    r.wall_seconds,
+                    r.images_per_second
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            model,
+            data: d,
+            mean,
+            std,
+            scale,
+            limit,
+            batch,
+            seed,
+            tolerance,
+            json,
+        } => {
+            let loaded = onnx::load_model(&model)?;
+            let (_, _, h, w) = eval::input_geometry(&loaded)?;
+            let pre = preprocess(mean, std, scale)?;
+            let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
+            let r = eval::check(&loaded, ds.as_ref(), &pre, limit, batch, seed, tolerance)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{} on {} images ({})", r.model, r.images, r.inputs);
+                println!(
+                    "  {:<16} {:>12} {:>12} {:>14}",
+                    "engines", "max |diff|", "max rel", "argmax differ"
+                );
+                for p in &r.pairs {
+                    println!(
+                        "  {:<16} {:>12.3e} {:>12.3e} {:>14}",
+                        format!("{} vs {}", p.a, p.b),
+                        p.max_abs,
+                        p.max_rel,
+                        p.argmax_disagreements
+                    );
+                }
+                for e in &r.engines {
+                    let top1 = e.top1.map_or(String::new(), |t| format!(", top-1 {t:.2}%"));
+                    println!(
+                        "  {:<7} {:.2} s{top1}",
+                        e.engine.to_string(),
+                        e.wall_seconds
+                    );
+                }
+                println!(
+                    "{}: candle vs ort within {:.0e} with identical predictions",
+                    if r.pass { "PASS" } else { "FAIL" },
+                    r.tolerance
+                );
+            }
+            Ok(if r.pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Doctor { json } => {
             let loc = ort_runtime::library_location();

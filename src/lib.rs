@@ -6,6 +6,7 @@
 //! The binary in `main.rs` is a thin clap front end over [`cli`].
 
 pub mod cli;
+pub mod data;
 pub mod io;
 pub mod lower;
 pub mod onnx;

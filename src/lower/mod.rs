@@ -1,9 +1,17 @@
 //! Graph lowering: the ONNX graph to a differentiable candle program. This module owns the op
-//! registry, the one list of what can be lowered, so `inspect` can tell a user before a long run
-//! which ops of their model are not covered.
+//! registry (the one list of what can be lowered, which `inspect` reports before a long run) and
+//! the [`Program`], which runs the graph on candle tensors with taps for training losses (every
+//! BatchNormalization input, the penultimate feature).
+
+pub mod ops;
+pub mod program;
+pub mod value;
+
+pub use program::{Forward, Program, lower};
 
 /// ONNX ops (default domain) the lowering registry covers: CNN classifiers as PyTorch, tf2onnx/Keras
-/// and MXNet export them, plus the shape sub-graphs of dynamic-batch exports.
+/// and MXNet export them, plus the shape sub-graphs of dynamic-batch exports. A unit test keeps this
+/// list and the registry equal.
 pub const SUPPORTED_OPS: &[&str] = &[
     "Add",
     "AveragePool",
@@ -27,6 +35,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "HardSwish",
     "Identity",
     "LeakyRelu",
+    "LogSoftmax",
     "MatMul",
     "MaxPool",
     "Mul",

@@ -55,6 +55,16 @@ pub fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
     }
 }
 
+/// A float tensor value with no declared shape.
+pub fn value_info_any_shape(name: &str) -> ValueInfoProto {
+    let mut v = value_info(name, DataType::Float, &[]);
+    if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        t.shape = None;
+    }
+    v
+}
+
 pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
     assert_eq!(
         dims.iter().product::<usize>(),
@@ -150,6 +160,17 @@ impl ModelBuilder {
 
     pub fn output(&mut self, name: &str, elem: DataType, dims: &[Dim]) {
         self.graph.output.push(value_info(name, elem, dims));
+    }
+
+    /// A float output whose shape is left for the runtime to infer.
+    pub fn output_any_shape(&mut self, name: &str) {
+        let mut v = value_info(name, DataType::Float, &[]);
+        if let Some(type_proto::Value::TensorType(t)) =
+            v.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape = None;
+        }
+        self.graph.output.push(v);
     }
 
     pub fn initializer(&mut self, t: TensorProto) -> String {

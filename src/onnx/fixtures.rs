@@ -347,3 +347,34 @@ pub fn preactivation(seed: u64) -> ModelProto {
     head(&mut m, &mut r, &x, 16, 10);
     m.build()
 }
+
+/// A linear classifier on raw pixels (Flatten -> Gemm, 3x32x32 -> 10 classes): unlike a random
+/// conv net, whose pooled ReLU features make it predict one class for almost every input, its
+/// predictions depend strongly on the input, so tests of data paths can tell right from wrong.
+pub fn linear_classifier(seed: u64) -> ModelProto {
+    let mut r = Rand(ChaCha8Rng::seed_from_u64(seed));
+    let mut m = ModelBuilder::new("datafree_linear", 17);
+    m.input(
+        "input",
+        DataType::Float,
+        &[Dim::from("N"), 3.into(), 32.into(), 32.into()],
+    );
+    m.node(
+        "Flatten",
+        "flatten",
+        &["input"],
+        &["flat"],
+        vec![attr_int("axis", 1)],
+    );
+    let w = r.normal(10 * 3072, (1.0 / 3072f32).sqrt());
+    m.init_f32("fc.weight", &[10, 3072], &w);
+    m.node(
+        "Gemm",
+        "fc",
+        &["flat", "fc.weight"],
+        &["logits"],
+        vec![attr_int("transB", 1)],
+    );
+    m.output("logits", DataType::Float, &[Dim::from("N"), Dim::Fixed(10)]);
+    m.build()
+}

@@ -1,0 +1,338 @@
+//! A lowered program: the ONNX graph's nodes in topological order, each bound to a registry op,
+//! with constants loaded once onto the device as plain (non-`Var`) tensors, so a frozen teacher's
+//! weights never receive gradients.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use candle_core::{DType, Device, Tensor};
+
+use super::ops::{self, NodeCtx, Op};
+use super::value::{RunCtx, Value};
+use crate::onnx::bn::{self, BnStats};
+use crate::onnx::graph::{GraphIndex, display_name};
+use crate::onnx::load::LoadedModel;
+
+struct Step {
+    name: String,
+    op_type: String,
+    op: Box<dyn Op>,
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<Option<usize>>,
+    /// Slots whose last reader is this step (freed after it in inference).
+    free: Vec<usize>,
+}
+
+/// A BatchNormalization whose input is tapped, with the running statistics to match.
+#[derive(Debug, Clone)]
+pub struct BnTap {
+    pub name: String,
+    pub slot: usize,
+    pub stats: BnStats,
+}
+
+pub struct Program {
+    steps: Vec<Step>,
+    slots: usize,
+    constants: Vec<(usize, Value)>,
+    input_slot: usize,
+    input_name: String,
+    output_slot: usize,
+    bn_taps: Vec<BnTap>,
+    penultimate: Option<usize>,
+    ctx: RunCtx,
+}
+
+/// What one forward pass returns.
+pub struct Forward {
+    /// The first graph output (logits).
+    pub logits: Tensor,
+    /// Inputs of the tapped BatchNormalization layers, in [`Program::bn_taps`] order.
+    pub bn_inputs: Vec<Tensor>,
+    /// Input of the final classifier layer, when found.
+    pub penultimate: Option<Tensor>,
+}
+
+/// Lowers `model` onto `device` computing in `dtype` (F32 normally, F64 for gradient checks).
+pub fn lower(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Program> {
+    let file = model.path.display().to_string();
+    lower_inner(model, device, dtype).with_context(|| file)
+}
+
+fn lower_inner(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Program> {
+    let graph = model.graph();
+    let g = GraphIndex::new(graph);
+    let ctx = RunCtx {
+        device: device.clone(),
+        dtype,
+    };
+    let mut slot_of: HashMap<String, usize> = HashMap::new();
+    let mut constants = Vec::new();
+    let new_slot = |name: &str, slot_of: &mut HashMap<String, usize>| -> usize {
+        let n = slot_of.len();
+        *slot_of.entry(name.to_string()).or_insert(n)
+    };
+    for t in &graph.initializer {
+        let v = ops::array::tensor_value_at(t, &ctx, model.dir())
+            .with_context(|| format!("initializer '{}'", t.name))?;
+        let s = new_slot(&t.name, &mut slot_of);
+        constants.push((s, v));
+    }
+    let real_inputs: Vec<&str> = graph
+        .input
+        .iter()
+        .map(|v| v.name.as_str())
+        .filter(|n| g.is_graph_input(n))
+        .collect();
+    ensure!(
+        real_inputs.len() == 1,
+        "the model has {} inputs ({}); datafree expects one image input",
+        real_inputs.len(),
+        real_inputs.join(", ")
+    );
+    let input_name = real_inputs[0].to_string();
+    let input_slot = new_slot(&input_name, &mut slot_of);
+
+    let order = topological_order(&g)?;
+    let mut steps = Vec::with_capacity(order.len());
+    for &i in &order {
+        let node = g.node(i);
+        let name = display_name(node, i);
+        let here = || format!("node '{name}' ({})", node.op_type);
+        if !super::is_supported(&node.op_type, &node.domain) {
+            bail!(
+                "{}: op not supported by the lowering (run `datafree inspect` for the full list)",
+                here()
+            );
+        }
+        let builder = ops::registry()
+            .get(node.op_type.as_str())
+            .ok_or_else(|| anyhow!("{}: no builder", here()))?;
+        let op = builder(&NodeCtx {
+            node,
+            opset: model.opset,
+            ctx: &ctx,
+        })
+        .with_context(here)?;
+        let inputs = node
+            .input
+            .iter()
+            .map(|n| {
+                if n.is_empty() {
+                    None
+                } else {
+                    slot_of.get(n).copied()
+                }
+            })
+            .collect::<Vec<_>>();
+        for (k, n) in node.input.iter().enumerate() {
+            if !n.is_empty() && inputs[k].is_none() {
+                bail!(
+                    "{}: input '{n}' is produced by no node, initializer or graph input",
+                    here()
+                );
+            }
+        }
+        let outputs = node
+            .output
+            .iter()
+            .map(|o| (!o.is_empty()).then(|| new_slot(o, &mut slot_of)))
+            .collect();
+        steps.push(Step {
+            name,
+            op_type: node.op_type.clone(),
+            op,
+            inputs,
+            outputs,
+            free: vec![],
+        });
+    }
+    let out_name = &graph.output[0].name;
+    let output_slot = *slot_of
+        .get(out_name)
+        .with_context(|| format!("graph output '{out_name}' is produced by no node"))?;
+
+    let bn_taps = bn::analyse(model)
+        .layers
+        .into_iter()
+        .filter_map(|l| {
+            Some(BnTap {
+                slot: *slot_of.get(&l.input)?,
+                stats: l.stats?,
+                name: l.name,
+            })
+        })
+        .collect::<Vec<_>>();
+    let penultimate = penultimate_tensor(&g, out_name).and_then(|n| slot_of.get(&n).copied());
+
+    // Liveness: free a slot after its last reader, unless it is an output or a tap.
+    let mut keep: HashSet<usize> = bn_taps.iter().map(|t| t.slot).collect();
+    keep.insert(output_slot);
+    keep.extend(penultimate);
+    keep.extend(constants.iter().map(|(s, _)| *s));
+    let mut last_reader: HashMap<usize, usize> = HashMap::new();
+    for (k, s) in steps.iter().enumerate() {
+        for &i in s.inputs.iter().flatten() {
+            last_reader.insert(i, k);
+        }
+    }
+    for (slot, k) in last_reader {
+        if !keep.contains(&slot) {
+            steps[k].free.push(slot);
+        }
+    }
+    Ok(Program {
+        steps,
+        slots: slot_of.len(),
+        constants,
+        input_slot,
+        input_name,
+        output_slot,
+        bn_taps,
+        penultimate,
+        ctx,
+    })
+}
+
+/// Kahn's algorithm over tensor dependencies (ONNX requires sorted nodes; not every exporter obeys).
+fn topological_order(g: &GraphIndex) -> Result<Vec<usize>> {
+    let nodes = &g.graph.node;
+    let mut pending: Vec<usize> = vec![0; nodes.len()];
+    let mut waiting: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for inp in n.input.iter().filter(|s| !s.is_empty()) {
+            if g.producer(inp).is_some() {
+                pending[i] += 1;
+                waiting.entry(inp.as_str()).or_default().push(i);
+            }
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..nodes.len()).filter(|&i| pending[i] == 0).collect();
+    let mut order = Vec::with_capacity(nodes.len());
+    while let Some(i) = ready.pop_front() {
+        order.push(i);
+        for o in &nodes[i].output {
+            for &j in waiting.get(o.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
+                pending[j] -= 1;
+                if pending[j] == 0 {
+                    ready.push_back(j);
+                }
+            }
+        }
+    }
+    if order.len() != nodes.len() {
+        let stuck = (0..nodes.len())
+            .find(|i| pending[*i] > 0)
+            .expect("some node is pending");
+        bail!(
+            "the graph has a cycle (at node '{}')",
+            display_name(&nodes[stuck], stuck)
+        );
+    }
+    Ok(order)
+}
+
+/// The input of the classifier layer: walk back from the output through head ops to the last
+/// Gemm/MatMul (or 1x1 Conv), and take its data input.
+fn penultimate_tensor(g: &GraphIndex, output: &str) -> Option<String> {
+    let mut t = output.to_string();
+    for _ in 0..8 {
+        let n = g.node(g.producer(&t)?);
+        match n.op_type.as_str() {
+            "Gemm" | "MatMul" | "Conv" => return n.input.first().cloned(),
+            "Softmax" | "LogSoftmax" | "Identity" | "Flatten" | "Reshape" | "Squeeze"
+            | "Dropout" | "Add" => {
+                t = n.input.first()?.clone();
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+impl Program {
+    pub fn device(&self) -> &Device {
+        &self.ctx.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.ctx.dtype
+    }
+
+    pub fn input_name(&self) -> &str {
+        &self.input_name
+    }
+
+    /// The tapped BatchNormalization layers and their running statistics.
+    pub fn bn_taps(&self) -> &[BnTap] {
+        &self.bn_taps
+    }
+
+    /// Logits only (frees intermediate tensors as it goes).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.run(x, false)?.logits)
+    }
+
+    /// Logits plus the BN-input and penultimate taps.
+    pub fn forward_taps(&self, x: &Tensor) -> Result<Forward> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, taps: bool) -> Result<Forward> {
+        let mut vals: Vec<Option<Value>> = vec![None; self.slots];
+        for (s, v) in &self.constants {
+            vals[*s] = Some(v.clone());
+        }
+        let x = if x.dtype() == self.ctx.dtype {
+            x.clone()
+        } else {
+            x.to_dtype(self.ctx.dtype)?
+        };
+        vals[self.input_slot] = Some(Value::F(x));
+        for step in &self.steps {
+            let outs = {
+                let ins: Vec<Option<&Value>> = step
+                    .inputs
+                    .iter()
+                    .map(|s| s.and_then(|s| vals[s].as_ref()))
+                    .collect();
+                step.op
+                    .run(&self.ctx, &ins)
+                    .with_context(|| format!("node '{}' ({})", step.name, step.op_type))?
+            };
+            for (slot, v) in step.outputs.iter().zip(outs) {
+                if let Some(s) = slot {
+                    vals[*s] = Some(v);
+                }
+            }
+            if !taps {
+                for &s in &step.free {
+                    vals[s] = None;
+                }
+            }
+        }
+        let float = |s: usize| -> Result<Tensor> {
+            match vals[s].as_ref() {
+                Some(v) => v.float(&self.ctx),
+                None => bail!("tensor slot {s} was not computed"),
+            }
+        };
+        let logits = float(self.output_slot)?;
+        let (bn_inputs, penultimate) = if taps {
+            (
+                self.bn_taps
+                    .iter()
+                    .map(|t| float(t.slot))
+                    .collect::<Result<_>>()?,
+                self.penultimate.map(float).transpose()?,
+            )
+        } else {
+            (vec![], None)
+        };
+        Ok(Forward {
+            logits,
+            bn_inputs,
+            penultimate,
+        })
+    }
+}
