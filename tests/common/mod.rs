@@ -10,16 +10,27 @@ pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Prints past libtest's output capture (which also takes the process's stderr handle) through a
+/// duplicate of file descriptor 2, so skip reasons show in CI logs. A duplicate shares the file
+/// offset, so nothing written later overwrites the line when stderr is a file.
+pub fn say(msg: &str) {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) => {
+            let _ = writeln!(std::fs::File::from(fd), "{msg}");
+        }
+        Err(_) => eprintln!("{msg}"),
+    }
+}
+
 /// `../shared/teachers/NAME`, or None (with the reason printed) when the shared folder is absent.
 pub fn shared_teacher(name: &str) -> Option<PathBuf> {
     let p = repo().join("../shared/teachers").join(name);
     if p.is_file() {
         Some(p)
     } else {
-        println!(
-            "SKIP: {} is absent (the shared teachers are not on this machine)",
-            p.display()
-        );
+        say(&format!("SKIP: {} is absent (the shared teachers are not on this machine)", p.display()));
         None
     }
 }
