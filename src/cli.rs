@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::data::{self, Preprocess};
@@ -90,6 +91,109 @@ pub enum Command {
         tolerance: f64,
         #[arg(long)]
         json: bool,
+    },
+    /// Compress a teacher into a quantized QDQ ONNX student without data, verify it in ONNX
+    /// Runtime, and write DIR/student.onnx and DIR/report.json.
+    Compress {
+        /// The teacher ONNX model.
+        teacher: PathBuf,
+        /// Bit widths: wNaM (N-bit weights, M-bit activations), N and M in 2..=8.
+        #[arg(long, default_value = "w8a8")]
+        bits: crate::quant::BitSpec,
+        /// How activation ranges are found without data.
+        #[arg(long, value_enum, default_value_t = crate::quant::calibrate::Method::PtqBn)]
+        method: crate::quant::calibrate::Method,
+        /// Output folder (refused when not empty, unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite student.onnx and report.json in a non-empty --out.
+        #[arg(long)]
+        force: bool,
+        /// Bit width of the first and last layer (weights and input).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(2..=8))]
+        first_last_bits: Option<u8>,
+        /// Weight quantization (per output channel).
+        #[arg(long, value_enum, default_value_t = crate::quant::WeightScheme::Symmetric)]
+        weight_scheme: crate::quant::WeightScheme,
+        /// Keep 8-bit weights on the full int8 range; by default they use +-63, because ONNX
+        /// Runtime's x86 U8S8 kernels without VNNI saturate with full-range weights.
+        #[arg(long)]
+        full_range_weights: bool,
+        /// BatchNormalization in the student: folded into conv (deployable) or kept (GDFQ-exact).
+        #[arg(long, value_enum, default_value_t = crate::compress::BnMode::Fold)]
+        bn: crate::compress::BnMode,
+        /// Calibration images (noise, zeroq).
+        #[arg(long, default_value_t = 64)]
+        calib_images: usize,
+        /// ZeroQ optimisation steps.
+        #[arg(long, default_value_t = 200)]
+        zeroq_iters: usize,
+        /// ZeroQ Adam learning rate.
+        #[arg(long, default_value_t = 0.1)]
+        zeroq_lr: f64,
+        /// Clip observed ranges at this percentile (e.g. 99.99) instead of min/max.
+        #[arg(long)]
+        percentile: Option<f64>,
+        /// k in mean +- k std for ptq-bn ranges.
+        #[arg(long, default_value_t = 3.0)]
+        bn_k: f64,
+        /// Labelled data to MEASURE the student on (never used to compress).
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long, value_parser = data::parse_triple)]
+        mean: Option<[f32; 3]>,
+        #[arg(long, value_parser = data::parse_triple)]
+        std: Option<[f32; 3]>,
+        #[arg(long, default_value_t = 255.0)]
+        scale: f32,
+        /// Noise images for verification.
+        #[arg(long, default_value_t = 256)]
+        verify_images: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print the report as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// CI gate for a quantized ONNX model (any tool's) against its reference: exit 0 when the
+    /// thresholds hold, 1 when not, 2 on bad input; JSON and JUnit XML reports.
+    Verify {
+        /// The quantized model.
+        student: PathBuf,
+        /// The float reference (the teacher).
+        #[arg(long)]
+        reference: PathBuf,
+        /// Labelled data (else seeded noise inputs; accuracy checks need data).
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long, value_parser = data::parse_triple)]
+        mean: Option<[f32; 3]>,
+        #[arg(long, value_parser = data::parse_triple)]
+        std: Option<[f32; 3]>,
+        #[arg(long, default_value_t = 255.0)]
+        scale: f32,
+        /// Use only the first N images of --data.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Noise images when no --data.
+        #[arg(long, default_value_t = 512)]
+        images: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Minimum fraction of images where student and reference agree.
+        #[arg(long, default_value_t = 0.99)]
+        min_agreement: f64,
+        /// Maximum top-1 drop in points (with --data).
+        #[arg(long, default_value_t = 1.0)]
+        max_top1_drop: f64,
+        /// Also require datafree's simulation to match ORT within this max |logit diff|.
+        #[arg(long)]
+        max_sim_diff: Option<f64>,
+        #[arg(long)]
+        json: bool,
+        /// Write a JUnit XML report here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
     },
     /// Check the environment: ONNX Runtime library location and version.
     Doctor {
@@ -244,6 +348,124 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             Ok(if r.pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Compress {
+            teacher,
+            bits,
+            method,
+            out,
+            force,
+            first_last_bits,
+            weight_scheme,
+            full_range_weights,
+            bn,
+            calib_images,
+            zeroq_iters,
+            zeroq_lr,
+            percentile,
+            bn_k,
+            data: d,
+            mean,
+            std,
+            scale,
+            verify_images,
+            seed,
+            json,
+        } => {
+            let loaded = onnx::load_model(&teacher)?;
+            let (_, _, h, w) = eval::input_geometry(&loaded)?;
+            let pre = preprocess(mean, std, scale)?;
+            let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
+            crate::compress::prepare_out_dir(&out, force)?;
+            let opts = crate::compress::Options {
+                bits,
+                method,
+                first_last_bits,
+                weight_scheme,
+                full_range_weights,
+                bn,
+                calib_images,
+                zeroq_iters,
+                zeroq_lr,
+                percentile,
+                bn_k,
+                seed,
+                verify_images,
+            };
+            let quiet = json;
+            let mut log = |m: &str| {
+                if !quiet {
+                    eprintln!("{m}");
+                }
+            };
+            let r = crate::compress::compress(
+                &loaded,
+                &out,
+                &opts,
+                ds.as_ref().map(|d| (d, &pre)),
+                &mut log,
+            )?;
+            let path = crate::compress::write_report(&out, &r)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", crate::report::render_compress(&r));
+                println!("report: {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            student,
+            reference,
+            data: d,
+            mean,
+            std,
+            scale,
+            limit,
+            images,
+            seed,
+            min_agreement,
+            max_top1_drop,
+            max_sim_diff,
+            json,
+            junit,
+        } => {
+            let s = onnx::load_model(&student)?;
+            let r = onnx::load_model(&reference)?;
+            let (_, _, h, w) = eval::input_geometry(&r)?;
+            let pre = preprocess(mean, std, scale)?;
+            let mut ds = d.map(|x| data::open(&x, h, w)).transpose()?;
+            if let (Some(d), Some(n)) = (ds.as_mut(), limit) {
+                d.truncate(n);
+            }
+            let inputs = match &ds {
+                Some(d) => crate::verify::compare::Inputs::Data(d, &pre),
+                None => crate::verify::compare::Inputs::Noise { images, seed },
+            };
+            let c = crate::verify::compare::compare(&s, &r, &inputs, 100, max_sim_diff.is_some())?;
+            let checks =
+                crate::verify::gate::checks(&c, min_agreement, max_top1_drop, max_sim_diff);
+            let g = crate::verify::gate::GateReport {
+                student: s.path.display().to_string(),
+                reference: r.path.display().to_string(),
+                pass: checks.iter().all(|c| c.pass),
+                checks,
+                comparison: c,
+            };
+            if let Some(j) = junit {
+                crate::io::write_atomic(&j, crate::verify::gate::junit(&g).as_bytes())
+                    .with_context(|| format!("{}: cannot write JUnit report", j.display()))?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                print!("{}", crate::report::render_gate(&g));
+            }
+            Ok(if g.pass {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

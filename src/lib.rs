@@ -6,9 +6,13 @@
 //! The binary in `main.rs` is a thin clap front end over [`cli`].
 
 pub mod cli;
+pub mod compress;
 pub mod data;
+pub mod export;
 pub mod io;
 pub mod lower;
 pub mod onnx;
+pub mod quant;
 pub mod report;
+pub mod train;
 pub mod verify;

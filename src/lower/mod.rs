@@ -40,6 +40,8 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "MaxPool",
     "Mul",
     "PRelu",
+    "QuantizeLinear",
+    "DequantizeLinear",
     "Pad",
     "ReduceMean",
     "Relu",

@@ -41,6 +41,7 @@ pub struct Program {
     bn_taps: Vec<BnTap>,
     penultimate: Option<usize>,
     ctx: RunCtx,
+    slot_of: HashMap<String, usize>,
 }
 
 /// What one forward pass returns.
@@ -108,10 +109,12 @@ fn lower_inner(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Pro
         let builder = ops::registry()
             .get(node.op_type.as_str())
             .ok_or_else(|| anyhow!("{}: no builder", here()))?;
+        let input_types = node.input.iter().map(|n| const_type(&g, n)).collect();
         let op = builder(&NodeCtx {
             node,
             opset: model.opset,
             ctx: &ctx,
+            input_types,
         })
         .with_context(here)?;
         let inputs = node
@@ -191,7 +194,25 @@ fn lower_inner(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Pro
         bn_taps,
         penultimate,
         ctx,
+        slot_of,
     })
+}
+
+/// Element type of a constant tensor (initializer or Constant node), if `name` is one.
+fn const_type(g: &GraphIndex, name: &str) -> Option<i32> {
+    if let Some(t) = g.initializer(name) {
+        return Some(t.data_type);
+    }
+    let n = g.node(g.producer(name)?);
+    match n.op_type.as_str() {
+        "Constant" => n
+            .attribute
+            .iter()
+            .find_map(|a| a.t.as_ref())
+            .map(|t| t.data_type),
+        "Identity" => const_type(g, n.input.first()?),
+        _ => None,
+    }
 }
 
 /// Kahn's algorithm over tensor dependencies (ONNX requires sorted nodes; not every exporter obeys).
@@ -270,15 +291,30 @@ impl Program {
 
     /// Logits only (frees intermediate tensors as it goes).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.run(x, false)?.logits)
+        Ok(self.run(x, false, &[])?.0.logits)
     }
 
     /// Logits plus the BN-input and penultimate taps.
     pub fn forward_taps(&self, x: &Tensor) -> Result<Forward> {
-        self.run(x, true)
+        Ok(self.run(x, true, &[])?.0)
     }
 
-    fn run(&self, x: &Tensor, taps: bool) -> Result<Forward> {
+    /// Logits plus the float tensors of the graph named in `names`.
+    pub fn forward_tensors(&self, x: &Tensor, names: &[String]) -> Result<(Tensor, Vec<Tensor>)> {
+        let slots: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                self.slot_of
+                    .get(n)
+                    .copied()
+                    .ok_or_else(|| anyhow!("the graph has no tensor '{n}'"))
+            })
+            .collect::<Result<_>>()?;
+        let (f, kept) = self.run(x, false, &slots)?;
+        Ok((f.logits, kept))
+    }
+
+    fn run(&self, x: &Tensor, taps: bool, keep: &[usize]) -> Result<(Forward, Vec<Tensor>)> {
         let mut vals: Vec<Option<Value>> = vec![None; self.slots];
         for (s, v) in &self.constants {
             vals[*s] = Some(v.clone());
@@ -306,7 +342,7 @@ impl Program {
                 }
             }
             if !taps {
-                for &s in &step.free {
+                for &s in step.free.iter().filter(|s| !keep.contains(s)) {
                     vals[s] = None;
                 }
             }
@@ -329,10 +365,14 @@ impl Program {
         } else {
             (vec![], None)
         };
-        Ok(Forward {
-            logits,
-            bn_inputs,
-            penultimate,
-        })
+        let kept = keep.iter().map(|&s| float(s)).collect::<Result<_>>()?;
+        Ok((
+            Forward {
+                logits,
+                bn_inputs,
+                penultimate,
+            },
+            kept,
+        ))
     }
 }

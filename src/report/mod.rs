@@ -171,6 +171,110 @@ pub fn render_inspect(r: &InspectReport) -> String {
     o
 }
 
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.2}"))
+}
+
+fn comparison_lines(o: &mut String, c: &crate::verify::compare::Comparison) {
+    let _ = writeln!(o, "  on {} images ({}):", c.images, c.inputs);
+    let _ = writeln!(
+        o,
+        "    student vs teacher agreement  {:.2}%",
+        100.0 * c.agreement
+    );
+    if c.student_top1.is_some() {
+        let _ = writeln!(
+            o,
+            "    top-1 teacher / student       {} / {} (drop {})",
+            pct(c.reference_top1),
+            pct(c.student_top1),
+            pct(c.top1_drop)
+        );
+    }
+    match &c.simulation {
+        Ok(s) => {
+            let _ = writeln!(
+                o,
+                "    simulation vs ORT             max |logit diff| {:.2e}, top-1 agreement {:.2}%",
+                s.max_abs_logit_diff,
+                100.0 * s.top1_agreement
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(o, "    simulation vs ORT             not run: {e}");
+        }
+    }
+}
+
+fn fusion_speed_lines(o: &mut String, c: &crate::verify::compare::Comparison) {
+    match &c.fusion {
+        Ok(f) => {
+            let _ = writeln!(
+                o,
+                "  ORT fusion: {} QLinearConv, {} float Conv{}",
+                f.qlinear_conv,
+                f.float_conv,
+                if f.all_conv_fused { " (all fused)" } else { "" }
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(o, "  ORT fusion: unknown ({e})");
+        }
+    }
+    if let Ok(s) = &c.speed {
+        let _ = writeln!(
+            o,
+            "  ORT speed, batch {}: teacher {:.2} ms, student {:.2} ms ({:.2}x)",
+            s.batch, s.reference_ms, s.student_ms, s.ratio
+        );
+    }
+}
+
+/// The summary printed by `datafree compress`.
+pub fn render_compress(r: &crate::compress::Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{} -> {}", r.teacher, r.student);
+    let _ = writeln!(
+        o,
+        "  {} {:?}, weights {:?}, BN {:?} ({} folded), {} layers, {} activation points",
+        r.bits,
+        r.method,
+        r.weight_scheme,
+        r.bn,
+        r.bn_folded,
+        r.layers.len(),
+        r.activations.len()
+    );
+    if let Some(d) = &r.verification_data {
+        comparison_lines(&mut o, d);
+    }
+    comparison_lines(&mut o, &r.verification_noise);
+    fusion_speed_lines(&mut o, &r.verification_noise);
+    for n in &r.notes {
+        let _ = writeln!(o, "  note: {n}");
+    }
+    o
+}
+
+/// The summary printed by `datafree verify`.
+pub fn render_gate(g: &crate::verify::gate::GateReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{} vs {}", g.student, g.reference);
+    comparison_lines(&mut o, &g.comparison);
+    fusion_speed_lines(&mut o, &g.comparison);
+    for c in &g.checks {
+        let _ = writeln!(
+            o,
+            "  [{}] {}: {}",
+            if c.pass { "pass" } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    let _ = writeln!(o, "{}", if g.pass { "PASS" } else { "FAIL" });
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

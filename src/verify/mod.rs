@@ -2,7 +2,9 @@
 //! dynamically from the library `scripts/setup.sh` installs, and tract) and in our own candle
 //! lowering, measuring accuracy on labelled data and comparing engines side by side.
 
+pub mod compare;
 pub mod engine;
 pub mod eval;
+pub mod gate;
 pub mod ort_runtime;
 pub mod tract_runtime;

@@ -103,3 +103,69 @@ pub fn run_f32(
         .context("ONNX Runtime output is not float32")?;
     Ok((s.iter().map(|&d| d as usize).collect(), data.to_vec()))
 }
+
+/// Op histogram of the graph ONNX Runtime actually runs after its level-2 optimisations (where
+/// QDQ groups become QLinearConv, QGemm, QLinearAdd).
+pub fn optimized_op_counts(model: &Path) -> Result<std::collections::BTreeMap<String, usize>> {
+    use ort::session::builder::GraphOptimizationLevel;
+    use prost::Message;
+    let env = environment()?;
+    let dir = tempfile_dir()?;
+    let out = dir.join("optimized.onnx");
+    let ctx = || {
+        format!(
+            "{}: ONNX Runtime cannot optimise the model",
+            model.display()
+        )
+    };
+    let _s = Session::builder(env)
+        .with_context(ctx)?
+        .with_optimization_level(GraphOptimizationLevel::Level2)
+        .map_err(ort::Error::<()>::from)
+        .with_context(ctx)?
+        .with_optimized_model_path(&out)
+        .map_err(ort::Error::<()>::from)
+        .with_context(ctx)?
+        .commit_from_file(model)
+        .with_context(ctx)?;
+    let bytes = std::fs::read(&out).with_context(ctx)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = crate::onnx::pb::ModelProto::decode(bytes.as_slice()).with_context(ctx)?;
+    let mut h = std::collections::BTreeMap::new();
+    for n in m.graph.map(|g| g.node).unwrap_or_default() {
+        *h.entry(n.op_type).or_insert(0) += 1;
+    }
+    Ok(h)
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!(
+        "datafree-ort-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Median wall time (ms) of `reps` runs on one batch, after two warm-up runs.
+pub fn time_runs(
+    session: &mut Session,
+    shape: &[usize],
+    input: &[f32],
+    reps: usize,
+) -> Result<f64> {
+    for _ in 0..2 {
+        run_f32(session, shape, input)?;
+    }
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            run_f32(session, shape, input).map(|_| t0.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<Result<_>>()?;
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}

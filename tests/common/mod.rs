@@ -30,7 +30,10 @@ pub fn shared_teacher(name: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        say(&format!("SKIP: {} is absent (the shared teachers are not on this machine)", p.display()));
+        say(&format!(
+            "SKIP: {} is absent (the shared teachers are not on this machine)",
+            p.display()
+        ));
         None
     }
 }

@@ -15,6 +15,7 @@ pub mod activation;
 pub mod array;
 pub mod math;
 pub mod nn;
+pub mod quant;
 
 /// A lowered node, ready to run.
 pub trait Op: Send + Sync {
@@ -28,6 +29,8 @@ pub struct NodeCtx<'a> {
     /// The model's ai.onnx opset (attribute forms changed across opsets).
     pub opset: i64,
     pub ctx: &'a RunCtx,
+    /// ONNX element types of the node's constant inputs (initializers, Constant nodes).
+    pub input_types: Vec<Option<i32>>,
 }
 
 pub type Builder = fn(&NodeCtx) -> Result<Box<dyn Op>>;
@@ -41,6 +44,7 @@ pub fn registry() -> &'static HashMap<&'static str, Builder> {
         activation::register(&mut reg);
         math::register(&mut reg);
         array::register(&mut reg);
+        quant::register(&mut reg);
         reg
     })
 }
@@ -71,6 +75,10 @@ impl NodeCtx<'_> {
     }
     pub fn tensor(&self, name: &str) -> Option<&crate::onnx::pb::TensorProto> {
         self.attr(name).and_then(|a| a.t.as_ref())
+    }
+    /// The ONNX element type of input `i`, when it is a constant.
+    pub fn input_type(&self, i: usize) -> Option<i32> {
+        self.input_types.get(i).copied().flatten()
     }
     /// Number of outputs the node actually uses (trailing empty names do not count).
     pub fn used_outputs(&self) -> usize {

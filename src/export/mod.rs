@@ -1,0 +1,400 @@
+//! Export: rewriting the teacher's ONNX graph into the quantized student. BatchNormalization is
+//! folded into the preceding Conv (names of the BN outputs are kept, so tensors line up with the
+//! teacher), weights become int8 initializers with DequantizeLinear (per output channel), biases
+//! int32 with DequantizeLinear, and every planned activation gets an optional Clip, then
+//! QuantizeLinear and DequantizeLinear. The result carries provenance in `metadata_props`.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::onnx::builder::{tensor_f32, tensor_i64};
+use crate::onnx::graph::{GraphIndex, attr_float, display_name};
+use crate::onnx::pb::{
+    ModelProto, NodeProto, StringStringEntryProto, TensorProto, tensor_proto::DataType,
+};
+use crate::onnx::tensor;
+use crate::quant::placement::Plan;
+use crate::quant::{QParams, WeightScheme, quantize_weight};
+
+/// Folds every BatchNormalization whose input comes only from a Conv into that Conv. Returns the
+/// new model and the number of BNs folded. BNs elsewhere (pre-activation nets) stay.
+pub fn fold_bn(model: &ModelProto) -> Result<(ModelProto, usize)> {
+    let mut out = model.clone();
+    let graph = model.graph.as_ref().expect("validated");
+    let g = GraphIndex::new(graph);
+    let mut remove: HashSet<usize> = HashSet::new();
+    let mut rewired: HashMap<usize, NodeProto> = HashMap::new();
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    for (i, bn) in graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "BatchNormalization")
+    {
+        let x = &bn.input[0];
+        let Some(ci) = g.producer(x) else { continue };
+        let conv = g.node(ci);
+        if conv.op_type != "Conv"
+            || g.consumers(x).len() != 1
+            || g.is_graph_output(x)
+            || bn.output.iter().skip(1).any(|o| !o.is_empty())
+        {
+            continue;
+        }
+        let Some(w_t) = conv.input.get(1).and_then(|w| g.initializer(w)) else {
+            continue;
+        };
+        let get = |k: usize| -> Result<Vec<f32>> {
+            let name = bn.input.get(k).context("BN input missing")?;
+            Ok(g.resolve_constant(name, None)
+                .map_err(anyhow::Error::msg)?
+                .with_context(|| format!("BN parameter '{name}' is not constant"))?
+                .data
+                .to_f32())
+        };
+        let (gamma, beta, mean, var) = (get(1)?, get(2)?, get(3)?, get(4)?);
+        let eps = attr_float(bn, "epsilon", 1e-5);
+        let w = tensor::decode(w_t, None)
+            .map_err(anyhow::Error::msg)?
+            .to_f32();
+        let c = gamma.len();
+        ensure!(
+            w.len() % c == 0 && w_t.dims.first() == Some(&(c as i64)),
+            "BN '{}' has {c} channels but conv '{}' weight is {:?}",
+            bn.name,
+            conv.name,
+            w_t.dims
+        );
+        let b0 = match conv.input.get(2).filter(|b| !b.is_empty()) {
+            Some(b) => g
+                .resolve_constant(b, None)
+                .map_err(anyhow::Error::msg)?
+                .context("conv bias is not constant")?
+                .data
+                .to_f32(),
+            None => vec![0.0; c],
+        };
+        let per = w.len() / c;
+        let mut wf = w.clone();
+        let mut bf = vec![0.0f32; c];
+        for o in 0..c {
+            // Computed in f64 so folding adds no error beyond the final rounding to f32.
+            let s = gamma[o] as f64 / (var[o] as f64 + eps as f64).sqrt();
+            for v in &mut wf[o * per..(o + 1) * per] {
+                *v = (*v as f64 * s) as f32;
+            }
+            bf[o] = ((b0[o] as f64 - mean[o] as f64) * s + beta[o] as f64) as f32;
+        }
+        let dims: Vec<usize> = w_t.dims.iter().map(|&d| d as usize).collect();
+        let (wn, bn_name) = (
+            format!("{}.folded_weight", display_name(conv, ci)),
+            format!("{}.folded_bias", display_name(conv, ci)),
+        );
+        new_inits.push(tensor_f32(&wn, &dims, &wf));
+        new_inits.push(tensor_f32(&bn_name, &[c], &bf));
+        let mut nc = conv.clone();
+        nc.input = vec![conv.input[0].clone(), wn, bn_name];
+        // The conv now writes the BN's output tensor: names downstream stay the teacher's.
+        nc.output = vec![bn.output[0].clone()];
+        rewired.insert(ci, nc);
+        remove.insert(i);
+    }
+    let og = out.graph.as_mut().expect("validated");
+    og.node = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !remove.contains(i))
+        .map(|(i, n)| rewired.remove(&i).unwrap_or_else(|| n.clone()))
+        .collect();
+    og.initializer.extend(new_inits);
+    prune_initializers(og);
+    Ok((out, remove.len()))
+}
+
+/// Drops initializers (and their graph-input entries) nothing reads any more.
+fn prune_initializers(g: &mut crate::onnx::pb::GraphProto) {
+    let used: HashSet<String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(g.output.iter().map(|o| o.name.clone()))
+        .collect();
+    g.initializer.retain(|t| used.contains(&t.name));
+    let inits: HashSet<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
+    g.input
+        .retain(|v| used.contains(&v.name) || !inits.contains(&v.name) && !v.name.is_empty());
+}
+
+fn scalar_f32(name: &str, v: f32) -> TensorProto {
+    tensor_f32(name, &[], &[v])
+}
+
+fn tensor_bytes(name: &str, dims: &[usize], dt: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: dt as i32,
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<crate::onnx::pb::AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+/// Quantization parameters chosen for each activation point.
+pub type PointParams = HashMap<String, QParams>;
+
+/// Builds the QDQ student from a (BN-folded) float model, a plan and activation parameters.
+pub fn build_student(
+    model: &ModelProto,
+    plan: &Plan,
+    params: &PointParams,
+    scheme: WeightScheme,
+    metadata: &[(String, String)],
+) -> Result<ModelProto> {
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(0, |o| o.version);
+    if opset < 13 {
+        bail!(
+            "per-channel QuantizeLinear/DequantizeLinear needs opset 13 or newer, the model has {opset}; re-export it with opset_version >= 13"
+        );
+    }
+    let mut out = model.clone();
+    let graph = out.graph.as_mut().expect("validated");
+    let mut weight_nodes: Vec<NodeProto> = Vec::new();
+    let mut inits: Vec<TensorProto> = Vec::new();
+    let mut rename_input: HashMap<(String, usize), String> = HashMap::new();
+    {
+        let g = GraphIndex::new(graph);
+        for l in &plan.layers {
+            let wt = g
+                .initializer(&l.weight)
+                .context("weight initializer vanished")?;
+            let w = tensor::decode(wt, None).map_err(anyhow::Error::msg)?;
+            let dims = w.dims.clone();
+            let channels = dims[l.weight_axis];
+            // Channel-major copy for per-channel quantization (axis 1 of a 2-D weight = columns).
+            let (rows, cm): (Vec<f32>, bool) = if l.weight_axis == 0 {
+                (w.to_f32(), false)
+            } else {
+                let v = w.to_f32();
+                let (k, n) = (dims[0], dims[1]);
+                (
+                    (0..n)
+                        .flat_map(|j| (0..k).map(move |i| (i, j)))
+                        .map(|(i, j)| v[i * n + j])
+                        .collect(),
+                    true,
+                )
+            };
+            let q = quantize_weight(&rows, channels, l.weight_bits, scheme);
+            let values: Vec<i8> = if cm {
+                let (k, n) = (dims[0], dims[1]);
+                (0..k)
+                    .flat_map(|i| (0..n).map(move |j| (i, j)))
+                    .map(|(i, j)| q.values[j * k + i])
+                    .collect()
+            } else {
+                q.values.clone()
+            };
+            let base = l.weight.clone();
+            let (qn, sn, zn, dq) = (
+                format!("{base}_quantized"),
+                format!("{base}_scale"),
+                format!("{base}_zero_point"),
+                format!("{base}_dequantized"),
+            );
+            inits.push(tensor_bytes(
+                &qn,
+                &dims,
+                DataType::Int8,
+                values.iter().map(|&v| v as u8).collect(),
+            ));
+            inits.push(tensor_f32(&sn, &[channels], &q.scales));
+            inits.push(tensor_bytes(
+                &zn,
+                &[channels],
+                DataType::Int8,
+                q.zero_points.iter().map(|&v| v as u8).collect(),
+            ));
+            weight_nodes.push(node(
+                "DequantizeLinear",
+                &format!("{base}_DequantizeLinear"),
+                &[&qn, &sn, &zn],
+                &[&dq],
+                vec![crate::onnx::builder::attr_int("axis", l.weight_axis as i64)],
+            ));
+            rename_input.insert((l.node.clone(), 1), dq);
+            // int32 bias with scale s_in * s_w, when the layer input is quantized.
+            if let (Some(b), Some(pin)) = (&l.bias, params.get(&l.input)) {
+                let bv =
+                    tensor::decode(g.initializer(b).context("bias initializer vanished")?, None)
+                        .map_err(anyhow::Error::msg)?
+                        .to_f32();
+                ensure!(
+                    bv.len() == channels,
+                    "bias '{b}' has {} values for {channels} channels",
+                    bv.len()
+                );
+                let scales: Vec<f32> = q.scales.iter().map(|&s| s * pin.scale).collect();
+                let bq: Vec<i32> = bv
+                    .iter()
+                    .zip(&scales)
+                    .map(|(&v, &s)| {
+                        (v as f64 / s as f64)
+                            .round_ties_even()
+                            .clamp(i32::MIN as f64, i32::MAX as f64) as i32
+                    })
+                    .collect();
+                let (qn, sn, zn, dq) = (
+                    format!("{b}_quantized"),
+                    format!("{b}_scale"),
+                    format!("{b}_zero_point"),
+                    format!("{b}_dequantized"),
+                );
+                inits.push(tensor_bytes(
+                    &qn,
+                    &[channels],
+                    DataType::Int32,
+                    bq.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ));
+                inits.push(tensor_f32(&sn, &[channels], &scales));
+                inits.push(tensor_bytes(
+                    &zn,
+                    &[channels],
+                    DataType::Int32,
+                    vec![0; 4 * channels],
+                ));
+                weight_nodes.push(node(
+                    "DequantizeLinear",
+                    &format!("{b}_DequantizeLinear"),
+                    &[&qn, &sn, &zn],
+                    &[&dq],
+                    vec![crate::onnx::builder::attr_int("axis", 0)],
+                ));
+                rename_input.insert((l.node.clone(), 2), dq);
+            }
+        }
+    }
+    // Activation Q/DQ, inserted right after the producer of each tensor (or first, for inputs).
+    let mut after: HashMap<String, Vec<NodeProto>> = HashMap::new();
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    for p in &plan.points {
+        let qp = params
+            .get(&p.tensor)
+            .with_context(|| format!("no range for tensor '{}'", p.tensor))?;
+        let t = &p.tensor;
+        let (sn, zn, qn, dq) = (
+            format!("{t}_scale"),
+            format!("{t}_zero_point"),
+            format!("{t}_quantized"),
+            format!("{t}_dequantized"),
+        );
+        inits.push(scalar_f32(&sn, qp.scale));
+        inits.push(tensor_bytes(
+            &zn,
+            &[],
+            DataType::Uint8,
+            vec![qp.zero_point as u8],
+        ));
+        let mut nodes = Vec::new();
+        let mut src = t.clone();
+        if p.bits < 8 {
+            // QuantizeLinear saturates only to the uint8 container: a k-bit grid needs a Clip.
+            let (lo, hi) = qp.bounds();
+            let (ln, hn, cn) = (
+                format!("{t}_clip_min"),
+                format!("{t}_clip_max"),
+                format!("{t}_clipped"),
+            );
+            inits.push(scalar_f32(&ln, lo));
+            inits.push(scalar_f32(&hn, hi));
+            nodes.push(node(
+                "Clip",
+                &format!("{t}_Clip"),
+                &[t, &ln, &hn],
+                &[&cn],
+                vec![],
+            ));
+            src = cn;
+        }
+        nodes.push(node(
+            "QuantizeLinear",
+            &format!("{t}_QuantizeLinear"),
+            &[&src, &sn, &zn],
+            &[&qn],
+            vec![],
+        ));
+        nodes.push(node(
+            "DequantizeLinear",
+            &format!("{t}_DequantizeLinear"),
+            &[&qn, &sn, &zn],
+            &[&dq],
+            vec![],
+        ));
+        after.entry(t.clone()).or_default().extend(nodes);
+        renamed.insert(t.clone(), dq);
+    }
+    let inputs: HashSet<String> = graph.input.iter().map(|v| v.name.clone()).collect();
+    let mut nodes: Vec<NodeProto> = weight_nodes;
+    for t in inputs.iter() {
+        if let Some(ns) = after.remove(t) {
+            nodes.extend(ns);
+        }
+    }
+    for (i, n) in graph.node.iter().enumerate() {
+        let mut n = n.clone();
+        let name = display_name(&n, i);
+        for (k, inp) in n.input.iter_mut().enumerate() {
+            if let Some(r) = rename_input.get(&(name.clone(), k)) {
+                *inp = r.clone();
+            } else if let Some(r) = renamed.get(inp.as_str()) {
+                *inp = r.clone();
+            }
+        }
+        let outs = n.output.clone();
+        nodes.push(n);
+        for o in outs {
+            if let Some(ns) = after.remove(&o) {
+                nodes.extend(ns);
+            }
+        }
+    }
+    ensure!(
+        after.is_empty(),
+        "planned tensors not found in the graph: {:?}",
+        after.keys().collect::<Vec<_>>()
+    );
+    graph.node = nodes;
+    graph.initializer.extend(inits);
+    prune_initializers(graph);
+    out.metadata_props
+        .extend(metadata.iter().map(|(k, v)| StringStringEntryProto {
+            key: k.clone(),
+            value: v.clone(),
+        }));
+    out.producer_name = "datafree".into();
+    out.producer_version = env!("CARGO_PKG_VERSION").into();
+    let _ = tensor_i64;
+    Ok(out)
+}

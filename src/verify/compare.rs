@@ -1,0 +1,196 @@
+//! Comparing a quantized student with its reference (the teacher) in ONNX Runtime: prediction
+//! agreement, accuracy and top-1 drop on labelled data, our own simulation (the candle lowering of
+//! the same QDQ graph) against ORT, whether ORT fused the QDQ groups into integer kernels, and
+//! speed. Shared by `compress` (after every export) and the `verify` CI gate.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::eval::{Accuracy, argmax, input_geometry, progress};
+use super::ort_runtime;
+use crate::data::{Dataset, Preprocess};
+use crate::onnx::LoadedModel;
+
+/// Inputs to compare on.
+pub enum Inputs<'a> {
+    Data(&'a Dataset, &'a Preprocess),
+    /// Seeded N(0, 1) images.
+    Noise {
+        images: usize,
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Simulation {
+    /// max |simulation - ORT| over all logits.
+    pub max_abs_logit_diff: f64,
+    /// Fraction of images where simulation and ORT predict the same class.
+    pub top1_agreement: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fusion {
+    /// Op histogram of the graph ORT runs after level-2 optimisation.
+    pub optimized_ops: BTreeMap<String, usize>,
+    pub qlinear_conv: usize,
+    /// Convolutions left running in float.
+    pub float_conv: usize,
+    /// All convolutions run as integer QLinearConv.
+    pub all_conv_fused: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Speed {
+    pub batch: usize,
+    pub reference_ms: f64,
+    pub student_ms: f64,
+    /// student / reference wall time (below 1 = faster).
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub inputs: String,
+    pub images: usize,
+    /// Fraction of images where student and reference predict the same class (ORT).
+    pub agreement: f64,
+    pub student_top1: Option<f64>,
+    pub reference_top1: Option<f64>,
+    /// reference top-1 minus student top-1, in points.
+    pub top1_drop: Option<f64>,
+    /// Our simulation vs ORT, or why it could not run.
+    pub simulation: std::result::Result<Simulation, String>,
+    pub fusion: std::result::Result<Fusion, String>,
+    pub speed: std::result::Result<Speed, String>,
+}
+
+/// Compares `student` with `reference` on `inputs`.
+pub fn compare(
+    student: &LoadedModel,
+    reference: &LoadedModel,
+    inputs: &Inputs,
+    batch: usize,
+    simulate: bool,
+) -> Result<Comparison> {
+    let (classes, c, h, w) = input_geometry(reference)?;
+    let (sc, ..) = input_geometry(student)?;
+    anyhow::ensure!(
+        sc == classes,
+        "{} outputs {sc} classes but the reference {} outputs {classes}",
+        student.path.display(),
+        reference.path.display()
+    );
+    let mut s = ort_runtime::session(&student.path, 0)?;
+    let mut r = ort_runtime::session(&reference.path, 0)?;
+    let sim = if simulate {
+        crate::lower::lower(student, &Device::Cpu, DType::F32).map_err(|e| format!("{e:#}"))
+    } else {
+        Err("not requested".to_string())
+    };
+    let (n, desc) = match inputs {
+        Inputs::Data(d, _) => (d.len(), d.source.clone()),
+        Inputs::Noise { images, seed } => (*images, format!("N(0,1) noise, seed {seed}")),
+    };
+    let (mut sa, mut ra) = (Accuracy::new(classes), Accuracy::new(classes));
+    let (mut agree, mut sim_agree, mut sim_diff) = (0usize, 0usize, 0.0f64);
+    let mut sim_err: Option<String> = sim.as_ref().err().cloned();
+    let pb = progress(n, "verify");
+    let batch = batch.max(1);
+    for start in (0..n).step_by(batch) {
+        let end = (start + batch).min(n);
+        let shape = [end - start, c, h, w];
+        let x: Vec<f32> = match inputs {
+            Inputs::Data(d, pre) => pre.batch(d, start..end),
+            Inputs::Noise { seed, .. } => crate::quant::calibrate::noise(
+                &shape,
+                seed.wrapping_add(start as u64),
+                &Device::Cpu,
+            )?
+            .flatten_all()?
+            .to_vec1()?,
+        };
+        let (_, so) = ort_runtime::run_f32(&mut s, &shape, &x)?;
+        let (_, ro) = ort_runtime::run_f32(&mut r, &shape, &x)?;
+        if let Inputs::Data(d, _) = inputs {
+            sa.add(&so, &d.labels[start..end]);
+            ra.add(&ro, &d.labels[start..end]);
+        }
+        agree += so
+            .chunks_exact(classes)
+            .zip(ro.chunks_exact(classes))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        if let (Ok(p), None) = (&sim, &sim_err) {
+            match p
+                .forward(&Tensor::from_slice(&x, &shape, &Device::Cpu)?)
+                .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+            {
+                Ok(y) => {
+                    sim_diff = y
+                        .iter()
+                        .zip(&so)
+                        .map(|(a, b)| (a - b).abs() as f64)
+                        .fold(sim_diff, f64::max);
+                    sim_agree += y
+                        .chunks_exact(classes)
+                        .zip(so.chunks_exact(classes))
+                        .filter(|(a, b)| argmax(a) == argmax(b))
+                        .count();
+                }
+                Err(e) => sim_err = Some(format!("{e:#}")),
+            }
+        }
+        pb.inc((end - start) as u64);
+    }
+    pb.finish_and_clear();
+    let labelled = matches!(inputs, Inputs::Data(..));
+    let fusion = ort_runtime::optimized_op_counts(&student.path)
+        .map_err(|e| format!("{e:#}"))
+        .map(|ops| {
+            let q = ops.get("QLinearConv").copied().unwrap_or(0);
+            let f =
+                ops.get("Conv").copied().unwrap_or(0) + ops.get("FusedConv").copied().unwrap_or(0);
+            Fusion {
+                qlinear_conv: q,
+                float_conv: f,
+                all_conv_fused: q > 0 && f == 0,
+                optimized_ops: ops,
+            }
+        });
+    let speed = (|| -> Result<Speed> {
+        let shape = [64, c, h, w];
+        let x: Vec<f32> = crate::quant::calibrate::noise(&shape, 1, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        let reference_ms = ort_runtime::time_runs(&mut r, &shape, &x, 10)?;
+        let student_ms = ort_runtime::time_runs(&mut s, &shape, &x, 10)?;
+        Ok(Speed {
+            batch: 64,
+            reference_ms,
+            student_ms,
+            ratio: student_ms / reference_ms,
+        })
+    })()
+    .map_err(|e| format!("{e:#}"));
+    Ok(Comparison {
+        inputs: desc,
+        images: n,
+        agreement: agree as f64 / n.max(1) as f64,
+        student_top1: labelled.then(|| sa.top1()),
+        reference_top1: labelled.then(|| ra.top1()),
+        top1_drop: labelled.then(|| ra.top1() - sa.top1()),
+        simulation: match sim_err {
+            Some(e) => Err(e),
+            None => Ok(Simulation {
+                max_abs_logit_diff: sim_diff,
+                top1_agreement: sim_agree as f64 / n.max(1) as f64,
+            }),
+        },
+        fusion,
+        speed,
+    })
+}

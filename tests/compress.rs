@@ -1,0 +1,339 @@
+//! The student side end to end on the project's own models: QuantizeLinear/DequantizeLinear
+//! semantics against ONNX Runtime (ties, saturation, per-axis), BN folding, `compress` writing a
+//! fused, verified QDQ model, and the `verify` gate passing a good student and failing a broken one.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use datafree::export::fold_bn;
+use datafree::lower::lower;
+use datafree::onnx::builder::{Dim, ModelBuilder, attr_int, tensor_f32};
+use datafree::onnx::pb::{TensorProto, tensor_proto::DataType};
+use datafree::onnx::{fixtures, load_model};
+use datafree::verify::ort_runtime;
+use prost::Message;
+
+fn bytes_tensor(name: &str, dims: &[usize], dt: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: dt as i32,
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+fn datafree(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_datafree"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn quantize_dequantize_match_ort_on_ties_and_saturation() {
+    // x -> Q(uint8, s=0.5, zp=3) -> DQ, plus x -> Q(int8 per-axis) -> DQ on axis 1, added together.
+    let mut m = ModelBuilder::new("qdq", 17);
+    m.input(
+        "x",
+        DataType::Float,
+        &[Dim::Fixed(1), Dim::Fixed(2), Dim::Fixed(8)],
+    );
+    m.initializer(tensor_f32("s", &[], &[0.5]));
+    m.initializer(bytes_tensor("zp", &[], DataType::Uint8, vec![3]));
+    m.initializer(tensor_f32("s2", &[2], &[0.25, 2.0]));
+    m.initializer(bytes_tensor(
+        "zp2",
+        &[2],
+        DataType::Int8,
+        vec![0, (-5i8) as u8],
+    ));
+    m.node("QuantizeLinear", "q", &["x", "s", "zp"], &["xq"], vec![]);
+    m.node("DequantizeLinear", "dq", &["xq", "s", "zp"], &["a"], vec![]);
+    m.node(
+        "QuantizeLinear",
+        "q2",
+        &["x", "s2", "zp2"],
+        &["xq2"],
+        vec![attr_int("axis", 1)],
+    );
+    m.node(
+        "DequantizeLinear",
+        "dq2",
+        &["xq2", "s2", "zp2"],
+        &["b"],
+        vec![attr_int("axis", 1)],
+    );
+    m.node("Add", "add", &["a", "b"], &["y"], vec![]);
+    m.output_any_shape("y");
+    let (_dir, path) = common::write_temp(&m.build(), "qdq.onnx");
+    // Ties at x/s = k + 0.5, both signs, and values far outside both containers.
+    let x: Vec<f32> = vec![
+        0.25, 0.75, 1.25, -0.25, -1.75, 300.0, -300.0, 63.75, 0.125, 0.375, -0.625, 3.0, 5.0, -7.0,
+        1e6, -1e6,
+    ];
+    let prog = lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let ours: Vec<f32> = prog
+        .forward(&Tensor::from_slice(&x, (1, 2, 8), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (_, theirs) =
+        ort_runtime::run_f32(&mut ort_runtime::session(&path, 1).unwrap(), &[1, 2, 8], &x).unwrap();
+    assert_eq!(ours, theirs, "QDQ must match ONNX Runtime bit for bit");
+    // And round half to even, not away from zero: 0.25/0.5 = 0.5 -> 0, so a = (0+3-3)*0.5.
+    assert_eq!(ours[0] - (0.25f32 / 0.25).round_ties_even() * 0.25, 0.0);
+}
+
+#[test]
+fn bn_folding_preserves_outputs_and_tensor_names() {
+    let teacher = fixtures::quickstart();
+    let (folded, n) = fold_bn(&teacher).unwrap();
+    assert_eq!(n, 4);
+    let g = folded.graph.as_ref().unwrap();
+    assert!(g.node.iter().all(|n| n.op_type != "BatchNormalization"));
+    assert!(
+        g.node.iter().any(|n| n.output[0] == "bn2_out"),
+        "the conv now writes the BN's output name"
+    );
+    let (_d1, a) = common::write_temp(&teacher, "t.onnx");
+    let (_d2, b) = common::write_temp(&folded, "f.onnx");
+    let x: Vec<f32> = (0..2 * 3072)
+        .map(|i| ((i * 37 % 101) as f32 / 25.0) - 2.0)
+        .collect();
+    let ya = ort_runtime::run_f32(
+        &mut ort_runtime::session(&a, 1).unwrap(),
+        &[2, 3, 32, 32],
+        &x,
+    )
+    .unwrap()
+    .1;
+    let yb = ort_runtime::run_f32(
+        &mut ort_runtime::session(&b, 1).unwrap(),
+        &[2, 3, 32, 32],
+        &x,
+    )
+    .unwrap()
+    .1;
+    let d = ya
+        .iter()
+        .zip(&yb)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-5, "folding changed outputs by {d}");
+}
+
+fn compress(teacher: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "compress",
+        teacher.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--verify-images",
+        "64",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = datafree(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v, on_disk, "report.json holds what was printed");
+    v
+}
+
+#[test]
+fn compress_w8a8_fuses_every_conv_and_matches_our_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w8");
+    let r = compress(
+        &common::repo().join("onnx/quickstart.onnx"),
+        &out,
+        &["--bits", "w8a8", "--method", "ptq-noise"],
+    );
+    let v = &r["verification_noise"];
+    assert_eq!(v["fusion"]["Ok"]["qlinear_conv"], 4, "{}", v["fusion"]);
+    assert_eq!(v["fusion"]["Ok"]["all_conv_fused"], true);
+    let sim = &v["simulation"]["Ok"];
+    assert!(sim["max_abs_logit_diff"].as_f64().unwrap() < 0.5, "{sim}");
+    assert_eq!(r["bn_folded"], 4);
+    assert_eq!(r["layers"].as_array().unwrap().len(), 5);
+    // Provenance travels in the model.
+    let student = load_model(&out.join("student.onnx")).unwrap();
+    let meta: Vec<(&str, &str)> = student
+        .proto
+        .metadata_props
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    assert!(
+        meta.contains(&("datafree.bits", "w8a8"))
+            && meta.contains(&("datafree.method", "ptqnoise")),
+        "{meta:?}"
+    );
+    assert!(
+        meta.iter()
+            .any(|(k, v)| *k == "datafree.teacher_sha256" && v.len() == 64)
+    );
+    // The same QDQ graph in tract (dequantized float path) equals our simulation.
+    let prog = lower(&student, &Device::Cpu, DType::F32).unwrap();
+    let x: Vec<f32> = (0..4 * 3072)
+        .map(|i| ((i * 13 % 97) as f32 / 24.0) - 2.0)
+        .collect();
+    let ours: Vec<f32> = prog
+        .forward(&Tensor::from_slice(&x, (4, 3, 32, 32), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (_, tract) =
+        datafree::verify::tract_runtime::TractModel::load(&student.path, &[4, 3, 32, 32])
+            .unwrap()
+            .run_f32(&[4, 3, 32, 32], &x)
+            .unwrap();
+    let d = ours
+        .iter()
+        .zip(&tract)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 0.05, "simulation vs tract {d}");
+}
+
+#[test]
+fn compress_refuses_a_non_empty_folder_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keep.txt"), "mine").unwrap();
+    let t = common::repo().join("onnx/quickstart.onnx");
+    let o = datafree(&[
+        "compress",
+        t.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("keep.txt")).unwrap(),
+        "mine"
+    );
+}
+
+/// Multiplies every activation scale (and the Clip bounds that go with it) by `k`.
+fn break_scales(src: &Path, dst: &Path, k: f32) {
+    let mut m = load_model(src).unwrap().proto;
+    for t in &mut m.graph.as_mut().unwrap().initializer {
+        let activation = t.dims.is_empty() && t.data_type == DataType::Float as i32;
+        if activation
+            && (t.name.ends_with("_scale")
+                || t.name.ends_with("_clip_max")
+                || t.name.ends_with("_clip_min"))
+        {
+            let v = f32::from_le_bytes(t.raw_data[..4].try_into().unwrap()) * k;
+            t.raw_data = v.to_le_bytes().to_vec();
+        }
+    }
+    std::fs::write(dst, m.encode_to_vec()).unwrap();
+}
+
+#[test]
+fn verify_gate_passes_a_good_student_and_fails_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("linear.onnx");
+    datafree::onnx::builder::write_model(&teacher, &fixtures::linear_classifier(5)).unwrap();
+    let out = dir.path().join("q");
+    compress(
+        &teacher,
+        &out,
+        &[
+            "--bits",
+            "w8a8",
+            "--method",
+            "ptq-noise",
+            "--calib-images",
+            "128",
+        ],
+    );
+    let good = out.join("student.onnx");
+    let broken = dir.path().join("broken.onnx");
+    // Scales ten times too small: activations saturate, as with a wrongly calibrated range.
+    break_scales(&good, &broken, 0.1);
+    let junit = dir.path().join("junit.xml");
+    let run = |s: &Path| {
+        datafree(&[
+            "verify",
+            s.to_str().unwrap(),
+            "--reference",
+            teacher.to_str().unwrap(),
+            "--images",
+            "256",
+            "--min-agreement",
+            "0.9",
+            "--json",
+            "--junit",
+            junit.to_str().unwrap(),
+        ])
+    };
+    let g = run(&good);
+    let gv: serde_json::Value = serde_json::from_slice(&g.stdout).unwrap();
+    assert_eq!(g.status.code(), Some(0), "{gv}");
+    assert!(gv["comparison"]["agreement"].as_f64().unwrap() >= 0.9);
+    assert!(
+        std::fs::read_to_string(&junit)
+            .unwrap()
+            .contains("<testcase classname=\"datafree.verify\" name=\"agreement\">")
+    );
+    let b = run(&broken);
+    let bv: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
+    assert_eq!(b.status.code(), Some(1), "{bv}");
+    assert!(bv["comparison"]["agreement"].as_f64().unwrap() < 0.9);
+    assert!(
+        std::fs::read_to_string(&junit)
+            .unwrap()
+            .contains("<failure message=")
+    );
+    // Bad input is exit 2, not a failed check.
+    let missing = datafree(&[
+        "verify",
+        "/nonexistent.onnx",
+        "--reference",
+        teacher.to_str().unwrap(),
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+/// `onnx.checker.check_model(full_check=True)` on an exported student, when Python has `onnx`.
+#[test]
+fn exported_student_passes_the_onnx_checker() {
+    // Run Python outside the repository: its `onnx/` folder would shadow the package.
+    let probe = Command::new("python3")
+        .args(["-c", "import onnx.checker"])
+        .current_dir(std::env::temp_dir())
+        .output();
+    if !probe.map(|o| o.status.success()).unwrap_or(false) {
+        common::say(
+            "SKIP: python3 with the `onnx` package is not available; the ONNX checker test did not run",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w4");
+    compress(
+        &common::repo().join("onnx/quickstart.onnx"),
+        &out,
+        &["--bits", "w4a4"],
+    );
+    let o = Command::new("python3")
+        .args(["-c", "import onnx,sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True); print('ok')"])
+        .arg(out.join("student.onnx"))
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
