@@ -197,7 +197,8 @@ mod tests {
     fn per_channel_weights() {
         let w = [0.5, -1.0, 0.25, 2.0, 0.0, -0.5];
         let q = quantize_weight(&w, 2, 4, WeightScheme::Symmetric);
-        assert_eq!(q.values, vec![4, -7, 2, 7, 0, -2]);
+        // 0.5 / f32(1/7) = 3.4999998 rounds to 3, as QuantizeLinear computes with the stored scale.
+        assert_eq!(q.values, vec![3, -7, 2, 7, 0, -2]);
         assert_eq!(q.scales, vec![1.0 / 7.0, 2.0 / 7.0]);
         let a = quantize_weight(&w, 2, 4, WeightScheme::Asymmetric);
         for (c, row) in w.chunks(3).enumerate() {
