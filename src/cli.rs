@@ -69,15 +69,8 @@ pub enum Command {
         /// Labelled data to run on (same forms as `eval --data`); without it, seeded N(0,1) noise.
         #[arg(long)]
         data: Option<String>,
-        /// Per-channel mean, "r,g,b" (x = (pixel/scale - mean) / std).
-        #[arg(long, value_parser = data::parse_triple)]
-        mean: Option<[f32; 3]>,
-        /// Per-channel std, "r,g,b".
-        #[arg(long, value_parser = data::parse_triple)]
-        std: Option<[f32; 3]>,
-        /// Pixel scale.
-        #[arg(long, default_value_t = 255.0)]
-        scale: f32,
+        #[command(flatten)]
+        pre: PreprocessArgs,
         /// Number of images (noise inputs, or the first N of --data).
         #[arg(long, default_value_t = 256)]
         limit: usize,
@@ -140,12 +133,8 @@ pub enum Command {
         /// Labelled data to MEASURE the student on (never used to compress).
         #[arg(long)]
         data: Option<String>,
-        #[arg(long, value_parser = data::parse_triple)]
-        mean: Option<[f32; 3]>,
-        #[arg(long, value_parser = data::parse_triple)]
-        std: Option<[f32; 3]>,
-        #[arg(long, default_value_t = 255.0)]
-        scale: f32,
+        #[command(flatten)]
+        pre: PreprocessArgs,
         /// Noise images for verification.
         #[arg(long, default_value_t = 256)]
         verify_images: usize,
@@ -166,12 +155,8 @@ pub enum Command {
         /// Labelled data (else seeded noise inputs; accuracy checks need data).
         #[arg(long)]
         data: Option<String>,
-        #[arg(long, value_parser = data::parse_triple)]
-        mean: Option<[f32; 3]>,
-        #[arg(long, value_parser = data::parse_triple)]
-        std: Option<[f32; 3]>,
-        #[arg(long, default_value_t = 255.0)]
-        scale: f32,
+        #[command(flatten)]
+        pre: PreprocessArgs,
         /// Use only the first N images of --data.
         #[arg(long)]
         limit: Option<usize>,
@@ -203,14 +188,10 @@ pub enum Command {
     },
 }
 
-/// Labelled data and its preprocessing.
-#[derive(clap::Args, Debug)]
-pub struct DataArgs {
-    /// Labelled data: a CIFAR-10/100 binary file (or `cifar10:FILE` / `cifar100:FILE`), or a folder
-    /// of class sub-folders of PNG/JPEG images (class = sub-folder index in sorted order).
-    #[arg(long)]
-    pub data: String,
-    /// Per-channel mean, "r,g,b" (x = (pixel/scale - mean) / std).
+/// How images become model inputs: x = (pixel / scale - mean) / std.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct PreprocessArgs {
+    /// Per-channel mean, "r,g,b".
     #[arg(long, value_parser = data::parse_triple)]
     pub mean: Option<[f32; 3]>,
     /// Per-channel std, "r,g,b".
@@ -221,11 +202,19 @@ pub struct DataArgs {
     pub scale: f32,
 }
 
-fn preprocess(
-    mean: Option<[f32; 3]>,
-    std: Option<[f32; 3]>,
-    scale: f32,
-) -> anyhow::Result<Preprocess> {
+/// Labelled data and its preprocessing.
+#[derive(clap::Args, Debug)]
+pub struct DataArgs {
+    /// Labelled data: a CIFAR-10/100 binary file (or `cifar10:FILE` / `cifar100:FILE`), or a folder
+    /// of class sub-folders of PNG/JPEG images (class = sub-folder index in sorted order).
+    #[arg(long)]
+    pub data: String,
+    #[command(flatten)]
+    pre: PreprocessArgs,
+}
+
+fn preprocess(a: PreprocessArgs) -> anyhow::Result<Preprocess> {
+    let (mean, std, scale) = (a.mean, a.std, a.scale);
     let d = Preprocess::default();
     let p = Preprocess {
         mean: mean.unwrap_or(d.mean),
@@ -275,7 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = onnx::load_model(&model)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(d.mean, d.std, d.scale)?;
+            let pre = preprocess(d.pre)?;
             let mut ds = data::open(&d.data, h, w)?;
             if let Some(n) = limit {
                 ds.truncate(n);
@@ -302,9 +291,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check {
             model,
             data: d,
-            mean,
-            std,
-            scale,
+            pre,
             limit,
             batch,
             seed,
@@ -313,7 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = onnx::load_model(&model)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(mean, std, scale)?;
+            let pre = preprocess(pre)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
             let r = eval::check(&loaded, ds.as_ref(), &pre, limit, batch, seed, tolerance)?;
             if json {
@@ -369,16 +356,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             percentile,
             bn_k,
             data: d,
-            mean,
-            std,
-            scale,
+            pre,
             verify_images,
             seed,
             json,
         } => {
             let loaded = onnx::load_model(&teacher)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(mean, std, scale)?;
+            let pre = preprocess(pre)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
             crate::compress::prepare_out_dir(&out, force)?;
             let opts = crate::compress::Options {
@@ -422,9 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             student,
             reference,
             data: d,
-            mean,
-            std,
-            scale,
+            pre,
             limit,
             images,
             seed,
@@ -437,7 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = onnx::load_model(&student)?;
             let r = onnx::load_model(&reference)?;
             let (_, _, h, w) = eval::input_geometry(&r)?;
-            let pre = preprocess(mean, std, scale)?;
+            let pre = preprocess(pre)?;
             let mut ds = d.map(|x| data::open(&x, h, w)).transpose()?;
             if let (Some(d), Some(n)) = (ds.as_mut(), limit) {
                 d.truncate(n);

@@ -10,21 +10,11 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use datafree::export::fold_bn;
 use datafree::lower::lower;
-use datafree::onnx::builder::{Dim, ModelBuilder, attr_int, tensor_f32};
-use datafree::onnx::pb::{TensorProto, tensor_proto::DataType};
+use datafree::onnx::builder::{Dim, ModelBuilder, attr_int, tensor_f32, tensor_raw};
+use datafree::onnx::pb::tensor_proto::DataType;
 use datafree::onnx::{fixtures, load_model};
 use datafree::verify::ort_runtime;
 use prost::Message;
-
-fn bytes_tensor(name: &str, dims: &[usize], dt: DataType, raw: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: dt as i32,
-        raw_data: raw,
-        ..Default::default()
-    }
-}
 
 fn datafree(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_datafree"))
@@ -43,9 +33,9 @@ fn quantize_dequantize_match_ort_on_ties_and_saturation() {
         &[Dim::Fixed(1), Dim::Fixed(2), Dim::Fixed(8)],
     );
     m.initializer(tensor_f32("s", &[], &[0.5]));
-    m.initializer(bytes_tensor("zp", &[], DataType::Uint8, vec![3]));
+    m.initializer(tensor_raw("zp", &[], DataType::Uint8, vec![3]));
     m.initializer(tensor_f32("s2", &[2], &[0.25, 2.0]));
-    m.initializer(bytes_tensor(
+    m.initializer(tensor_raw(
         "zp2",
         &[2],
         DataType::Int8,

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::onnx::builder::{tensor_f32, tensor_i64};
+use crate::onnx::builder::{node_proto, tensor_f32, tensor_raw};
 use crate::onnx::graph::{GraphIndex, attr_float, display_name};
 use crate::onnx::pb::{
     ModelProto, NodeProto, StringStringEntryProto, TensorProto, tensor_proto::DataType,
@@ -131,33 +131,6 @@ fn scalar_f32(name: &str, v: f32) -> TensorProto {
     tensor_f32(name, &[], &[v])
 }
 
-fn tensor_bytes(name: &str, dims: &[usize], dt: DataType, raw: Vec<u8>) -> TensorProto {
-    TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: dt as i32,
-        raw_data: raw,
-        ..Default::default()
-    }
-}
-
-fn node(
-    op: &str,
-    name: &str,
-    inputs: &[&str],
-    outputs: &[&str],
-    attrs: Vec<crate::onnx::pb::AttributeProto>,
-) -> NodeProto {
-    NodeProto {
-        op_type: op.into(),
-        name: name.into(),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        attribute: attrs,
-        ..Default::default()
-    }
-}
-
 /// Quantization parameters chosen for each activation point.
 pub type PointParams = HashMap<String, QParams>;
 
@@ -224,20 +197,20 @@ pub fn build_student(
                 format!("{base}_zero_point"),
                 format!("{base}_dequantized"),
             );
-            inits.push(tensor_bytes(
+            inits.push(tensor_raw(
                 &qn,
                 &dims,
                 DataType::Int8,
                 values.iter().map(|&v| v as u8).collect(),
             ));
             inits.push(tensor_f32(&sn, &[channels], &q.scales));
-            inits.push(tensor_bytes(
+            inits.push(tensor_raw(
                 &zn,
                 &[channels],
                 DataType::Int8,
                 q.zero_points.iter().map(|&v| v as u8).collect(),
             ));
-            weight_nodes.push(node(
+            weight_nodes.push(node_proto(
                 "DequantizeLinear",
                 &format!("{base}_DequantizeLinear"),
                 &[&qn, &sn, &zn],
@@ -272,20 +245,20 @@ pub fn build_student(
                     format!("{b}_zero_point"),
                     format!("{b}_dequantized"),
                 );
-                inits.push(tensor_bytes(
+                inits.push(tensor_raw(
                     &qn,
                     &[channels],
                     DataType::Int32,
                     bq.iter().flat_map(|v| v.to_le_bytes()).collect(),
                 ));
                 inits.push(tensor_f32(&sn, &[channels], &scales));
-                inits.push(tensor_bytes(
+                inits.push(tensor_raw(
                     &zn,
                     &[channels],
                     DataType::Int32,
                     vec![0; 4 * channels],
                 ));
-                weight_nodes.push(node(
+                weight_nodes.push(node_proto(
                     "DequantizeLinear",
                     &format!("{b}_DequantizeLinear"),
                     &[&qn, &sn, &zn],
@@ -311,7 +284,7 @@ pub fn build_student(
             format!("{t}_dequantized"),
         );
         inits.push(scalar_f32(&sn, qp.scale));
-        inits.push(tensor_bytes(
+        inits.push(tensor_raw(
             &zn,
             &[],
             DataType::Uint8,
@@ -329,7 +302,7 @@ pub fn build_student(
             );
             inits.push(scalar_f32(&ln, lo));
             inits.push(scalar_f32(&hn, hi));
-            nodes.push(node(
+            nodes.push(node_proto(
                 "Clip",
                 &format!("{t}_Clip"),
                 &[t, &ln, &hn],
@@ -338,14 +311,14 @@ pub fn build_student(
             ));
             src = cn;
         }
-        nodes.push(node(
+        nodes.push(node_proto(
             "QuantizeLinear",
             &format!("{t}_QuantizeLinear"),
             &[&src, &sn, &zn],
             &[&qn],
             vec![],
         ));
-        nodes.push(node(
+        nodes.push(node_proto(
             "DequantizeLinear",
             &format!("{t}_DequantizeLinear"),
             &[&qn, &sn, &zn],
@@ -395,6 +368,5 @@ pub fn build_student(
         }));
     out.producer_name = "datafree".into();
     out.producer_version = env!("CARGO_PKG_VERSION").into();
-    let _ = tensor_i64;
     Ok(out)
 }

@@ -80,6 +80,35 @@ pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
     }
 }
 
+/// A tensor from raw little-endian bytes of element type `dt`.
+pub fn tensor_raw(name: &str, dims: &[usize], dt: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: dt as i32,
+        raw_data: raw,
+        ..Default::default()
+    }
+}
+
+/// A node in the default domain.
+pub fn node_proto(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
 pub fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> TensorProto {
     assert_eq!(
         dims.iter().product::<usize>(),
@@ -192,14 +221,9 @@ impl ModelBuilder {
         outputs: &[&str],
         attrs: Vec<AttributeProto>,
     ) {
-        self.graph.node.push(NodeProto {
-            op_type: op.into(),
-            name: name.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            attribute: attrs,
-            ..Default::default()
-        });
+        self.graph
+            .node
+            .push(node_proto(op, name, inputs, outputs, attrs));
     }
 
     pub fn build(self) -> ModelProto {

@@ -15,8 +15,8 @@ pub fn register(reg: &mut HashMap<&'static str, Builder>) {
     reg.insert("Conv", conv);
     reg.insert("ConvTranspose", conv_transpose);
     reg.insert("BatchNormalization", batch_norm);
-    reg.insert("MaxPool", max_pool);
-    reg.insert("AveragePool", average_pool);
+    reg.insert("MaxPool", |n| pool(n, true));
+    reg.insert("AveragePool", |n| pool(n, false));
     reg.insert("GlobalAveragePool", |_| {
         Ok(Box::new(GlobalPool { max: false }))
     });
@@ -484,7 +484,7 @@ struct Pool {
     count_include_pad: bool,
 }
 
-fn max_pool(n: &NodeCtx) -> Result<Box<dyn Op>> {
+fn pool(n: &NodeCtx, max: bool) -> Result<Box<dyn Op>> {
     ensure!(
         n.used_outputs() <= 1,
         "the Indices output of MaxPool is not supported"
@@ -492,29 +492,15 @@ fn max_pool(n: &NodeCtx) -> Result<Box<dyn Op>> {
     let w = Window::parse(n, false)?;
     ensure!(
         w.dilations.iter().all(|&d| d == 1),
-        "MaxPool dilations {:?} are not supported",
+        "{} dilations {:?} are not supported",
+        n.node.op_type,
         w.dilations
     );
     Ok(Box::new(Pool {
         w,
-        max: true,
+        max,
         ceil_mode: n.int("ceil_mode", 0) != 0,
-        count_include_pad: false,
-    }))
-}
-
-fn average_pool(n: &NodeCtx) -> Result<Box<dyn Op>> {
-    let w = Window::parse(n, false)?;
-    ensure!(
-        w.dilations.iter().all(|&d| d == 1),
-        "AveragePool dilations {:?} are not supported",
-        w.dilations
-    );
-    Ok(Box::new(Pool {
-        w,
-        max: false,
-        ceil_mode: n.int("ceil_mode", 0) != 0,
-        count_include_pad: n.int("count_include_pad", 0) != 0,
+        count_include_pad: !max && n.int("count_include_pad", 0) != 0,
     }))
 }
 
