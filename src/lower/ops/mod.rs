@@ -13,6 +13,7 @@ use crate::onnx::pb::NodeProto;
 
 pub mod activation;
 pub mod array;
+pub mod conv_op;
 pub mod math;
 pub mod nn;
 pub mod quant;

@@ -218,14 +218,14 @@ fn conv2d(
 ) -> Result<Tensor> {
     let (_, _, ih, iw) = x.dims4()?;
     if stride == 1 || ih == iw {
-        return Ok(x.conv2d(w, pad, stride, dil, groups)?);
+        return Ok(super::conv_op::conv2d(x, w, pad, stride, dil, groups)?);
     }
     let (_, _, kh, kw) = w.dims4()?;
     let side = ih.max(iw);
     let xs = x
         .pad_with_zeros(2, 0, side - ih)?
         .pad_with_zeros(3, 0, side - iw)?;
-    let full = xs.conv2d(w, pad, stride, dil, groups)?;
+    let full = super::conv_op::conv2d(&xs, w, pad, stride, dil, groups)?;
     let out = |len: usize, k: usize| (len + 2 * pad - (k - 1) * dil - 1) / stride + 1;
     Ok(full.narrow(2, 0, out(ih, kh))?.narrow(3, 0, out(iw, kw))?)
 }
@@ -293,7 +293,7 @@ impl Op for Conv {
             if s[0] == s[1] {
                 conv2d(&xp, &w, 0, s[0], dil, self.groups)?
             } else {
-                let full = xp.conv2d(&w, 0, 1, dil, self.groups)?;
+                let full = conv2d(&xp, &w, 0, 1, dil, self.groups)?;
                 let (_, _, fh, fw) = full.dims4()?;
                 let oh = (fh - 1) / s[0] + 1;
                 let ow = (fw - 1) / s[1] + 1;
