@@ -112,6 +112,10 @@ pub enum Command {
         /// Runtime's x86 U8S8 kernels without VNNI saturate with full-range weights.
         #[arg(long)]
         full_range_weights: bool,
+        /// Store weights of 4 bits or fewer as ONNX INT4 (raises the opset to 21): a smaller file,
+        /// but ONNX Runtime does not fuse INT4 layers and tract cannot read them.
+        #[arg(long)]
+        int4_weights: bool,
         /// BatchNormalization in the student: folded into conv (deployable) or kept (GDFQ-exact).
         #[arg(long, value_enum, default_value_t = crate::compress::BnMode::Fold)]
         bn: crate::compress::BnMode,
@@ -349,6 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             first_last_bits,
             weight_scheme,
             full_range_weights,
+            int4_weights,
             bn,
             calib_images,
             zeroq_iters,
@@ -372,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 first_last_bits,
                 weight_scheme,
                 full_range_weights,
+                int4_weights,
                 bn,
                 calib_images,
                 zeroq_iters,

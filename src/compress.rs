@@ -38,6 +38,8 @@ pub struct Options {
     pub weight_scheme: WeightScheme,
     /// Keep 8-bit weights on the full int8 range (see [`PlanOptions::reduce_range`]).
     pub full_range_weights: bool,
+    /// Store weights of 4 bits or fewer as ONNX INT4 (opset 21).
+    pub int4_weights: bool,
     pub bn: BnMode,
     /// Images for noise / ZeroQ calibration.
     pub calib_images: usize,
@@ -263,7 +265,14 @@ pub fn compress(
             teacher.sha256.clone(),
         ),
     ];
-    let student = export::build_student(&folded, &plan, &params, opts.weight_scheme, &metadata)?;
+    let student = export::build_student(
+        &folded,
+        &plan,
+        &params,
+        opts.weight_scheme,
+        opts.int4_weights,
+        &metadata,
+    )?;
     let student_path = out.join("student.onnx");
     crate::onnx::builder::write_model(&student_path, &student)?;
     let student_model = onnx::load_model(&student_path)?;
@@ -295,6 +304,9 @@ pub fn compress(
     }
     if opts.bits.activations < 8 {
         notes.push(format!("{}-bit activations need Clip before QuantizeLinear: ONNX Runtime runs those layers through float kernels (no QLinearConv), so this model is smaller but not faster on ORT CPU", opts.bits.activations));
+    }
+    if opts.int4_weights {
+        notes.push("weights of 4 bits or fewer are stored as INT4 (opset 21): the file is smaller, but ONNX Runtime does not fuse INT4 layers and tract cannot read INT4".into());
     }
     if opts.bn == BnMode::Keep {
         notes.push(

@@ -131,6 +131,48 @@ fn scalar_f32(name: &str, v: f32) -> TensorProto {
     tensor_f32(name, &[], &[v])
 }
 
+/// Packs signed 4-bit values two per byte, low nibble first (ONNX INT4).
+pub fn pack_int4(v: &[i8]) -> Vec<u8> {
+    v.chunks(2)
+        .map(|p| (p[0] as u8 & 0x0F) | ((p.get(1).copied().unwrap_or(0) as u8 & 0x0F) << 4))
+        .collect()
+}
+
+/// Raises the model to ai.onnx opset 21 (IR 10), which INT4 tensors need, rewriting the one op
+/// this project lowers whose signature changed since opset 13: ReduceMean's `axes` attribute
+/// became an input at opset 18.
+pub fn raise_to_opset21(model: &mut ModelProto) -> Result<()> {
+    let opset = model
+        .opset_import
+        .iter_mut()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .context("no ai.onnx opset")?;
+    if opset.version >= 21 {
+        return Ok(());
+    }
+    opset.version = 21;
+    model.ir_version = model.ir_version.max(10);
+    let graph = model.graph.as_mut().expect("validated");
+    let mut extra = Vec::new();
+    for (i, n) in graph.node.iter_mut().enumerate() {
+        if n.op_type == "ReduceMean"
+            && let Some(k) = n.attribute.iter().position(|a| a.name == "axes")
+        {
+            let axes = n.attribute.remove(k).ints;
+            let name = format!("{}_axes", display_name(n, i));
+            extra.push(crate::onnx::builder::tensor_i64(
+                &name,
+                &[axes.len()],
+                &axes,
+            ));
+            n.input.truncate(1);
+            n.input.push(name);
+        }
+    }
+    graph.initializer.extend(extra);
+    Ok(())
+}
+
 /// Quantization parameters chosen for each activation point.
 pub type PointParams = HashMap<String, QParams>;
 
@@ -140,6 +182,7 @@ pub fn build_student(
     plan: &Plan,
     params: &PointParams,
     scheme: WeightScheme,
+    int4_weights: bool,
     metadata: &[(String, String)],
 ) -> Result<ModelProto> {
     let opset = model
@@ -197,19 +240,29 @@ pub fn build_student(
                 format!("{base}_zero_point"),
                 format!("{base}_dequantized"),
             );
-            inits.push(tensor_raw(
-                &qn,
-                &dims,
-                DataType::Int8,
-                values.iter().map(|&v| v as u8).collect(),
-            ));
+            if int4_weights && l.weight_bits <= 4 {
+                inits.push(tensor_raw(&qn, &dims, DataType::Int4, pack_int4(&values)));
+                inits.push(tensor_raw(
+                    &zn,
+                    &[channels],
+                    DataType::Int4,
+                    pack_int4(&q.zero_points),
+                ));
+            } else {
+                inits.push(tensor_raw(
+                    &qn,
+                    &dims,
+                    DataType::Int8,
+                    values.iter().map(|&v| v as u8).collect(),
+                ));
+                inits.push(tensor_raw(
+                    &zn,
+                    &[channels],
+                    DataType::Int8,
+                    q.zero_points.iter().map(|&v| v as u8).collect(),
+                ));
+            }
             inits.push(tensor_f32(&sn, &[channels], &q.scales));
-            inits.push(tensor_raw(
-                &zn,
-                &[channels],
-                DataType::Int8,
-                q.zero_points.iter().map(|&v| v as u8).collect(),
-            ));
             weight_nodes.push(node_proto(
                 "DequantizeLinear",
                 &format!("{base}_DequantizeLinear"),
@@ -361,6 +414,9 @@ pub fn build_student(
     graph.node = nodes;
     graph.initializer.extend(inits);
     prune_initializers(graph);
+    if int4_weights && plan.layers.iter().any(|l| l.weight_bits <= 4) {
+        raise_to_opset21(&mut out)?;
+    }
     out.metadata_props
         .extend(metadata.iter().map(|(k, v)| StringStringEntryProto {
             key: k.clone(),

@@ -15,7 +15,9 @@ pub struct FrozenAwareConv {
 }
 
 fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("conv operands must be contiguous".into()))?;
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("conv operands must be contiguous".into()))?;
     match s {
         CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &Device::Cpu),
         CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape(), &Device::Cpu),
@@ -24,15 +26,31 @@ fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
 }
 
 impl FrozenAwareConv {
-    fn per_group<F>(&self, a: &Tensor, a_dim: usize, b: &Tensor, b_dim: usize, c: &Tensor, c_dim: usize, out_dim: usize, f: F) -> candle_core::Result<Tensor>
+    fn per_group<F>(
+        &self,
+        a: &Tensor,
+        a_dim: usize,
+        b: &Tensor,
+        b_dim: usize,
+        c: &Tensor,
+        c_dim: usize,
+        out_dim: usize,
+        f: F,
+    ) -> candle_core::Result<Tensor>
     where
         F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
     {
         if self.groups == 1 {
             return f(a, b, c);
         }
-        let (a, b, c) = (a.chunk(self.groups, a_dim)?, b.chunk(self.groups, b_dim)?, c.chunk(self.groups, c_dim)?);
-        let parts = (0..self.groups).map(|k| f(&a[k], &b[k], &c[k])).collect::<candle_core::Result<Vec<_>>>()?;
+        let (a, b, c) = (
+            a.chunk(self.groups, a_dim)?,
+            b.chunk(self.groups, b_dim)?,
+            c.chunk(self.groups, c_dim)?,
+        );
+        let parts = (0..self.groups)
+            .map(|k| f(&a[k], &b[k], &c[k]))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, out_dim)
     }
 }
@@ -42,7 +60,13 @@ impl CustomOp2 for FrozenAwareConv {
         "conv2d-frozen-aware"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?);
         let y = x.conv2d(&w, self.padding, self.stride, self.dilation, self.groups)?;
         let shape = y.shape().clone();
@@ -54,24 +78,38 @@ impl CustomOp2 for FrozenAwareConv {
         Ok((storage, shape))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (p, s, d) = (self.padding, self.stride, self.dilation);
         let gx = if x.track_op() {
             let (gh, kh) = (g.dim(2)?, w.dim(2)?);
             let out = (gh - 1) * s + d * (kh - 1) + 1 - 2 * p;
             let out_padding = x.dim(2)? - out;
             // Per group: the gradient of group k's input comes from group k's outputs and weights.
-            Some(self.per_group(g, 1, w, 0, x, 1, 1, |g, w, _| g.conv_transpose2d(w, p, out_padding, s, d))?)
+            Some(self.per_group(g, 1, w, 0, x, 1, 1, |g, w, _| {
+                g.conv_transpose2d(w, p, out_padding, s, d)
+            })?)
         } else {
             None
         };
         let gw = if w.track_op() {
             let (kh, kw) = (w.dim(2)?, w.dim(3)?);
             let gw = self.per_group(x, 1, g, 1, w, 0, 0, |x, g, _| {
-                x.transpose(0, 1)?.conv2d(&g.transpose(0, 1)?, p, d, s, 1)?.transpose(0, 1)
+                x.transpose(0, 1)?
+                    .conv2d(&g.transpose(0, 1)?, p, d, s, 1)?
+                    .transpose(0, 1)
             })?;
             let (gk0, gk1) = (gw.dim(2)?, gw.dim(3)?);
-            Some(if gk0 != kh || gk1 != kw { gw.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { gw })
+            Some(if gk0 != kh || gk1 != kw {
+                gw.narrow(2, 0, kh)?.narrow(3, 0, kw)?
+            } else {
+                gw
+            })
         } else {
             None
         };
@@ -80,11 +118,26 @@ impl CustomOp2 for FrozenAwareConv {
 }
 
 /// conv2d that skips gradient work for frozen operands on the CPU.
-pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize, dilation: usize, groups: usize) -> candle_core::Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         return x.conv2d(w, padding, stride, dilation, groups);
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, FrozenAwareConv { padding, stride, dilation, groups })
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        FrozenAwareConv {
+            padding,
+            stride,
+            dilation,
+            groups,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -95,23 +148,77 @@ mod tests {
     #[test]
     fn frozen_weights_get_no_gradient_and_trainable_ones_match_candle() {
         let dev = Device::Cpu;
-        let xv: Vec<f64> = (0..2 * 4 * 7 * 7).map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0).collect();
-        let wv: Vec<f64> = (0..6 * 2 * 3 * 3).map(|i| ((i * 11 % 17) as f64 - 8.0) / 9.0).collect();
+        let xv: Vec<f64> = (0..2 * 4 * 7 * 7)
+            .map(|i| ((i * 37 % 23) as f64 - 11.0) / 7.0)
+            .collect();
+        let wv: Vec<f64> = (0..6 * 2 * 3 * 3)
+            .map(|i| ((i * 11 % 17) as f64 - 8.0) / 9.0)
+            .collect();
         let x = Var::from_vec(xv, (2, 4, 7, 7), &dev).unwrap();
         let frozen = Tensor::from_vec(wv.clone(), (6, 2, 3, 3), &dev).unwrap();
-        let grads = conv2d(x.as_tensor(), &frozen, 1, 2, 1, 2).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(&frozen).is_none(), "a frozen weight must not get a gradient");
-        let gx = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let grads = conv2d(x.as_tensor(), &frozen, 1, 2, 1, 2)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            grads.get(&frozen).is_none(),
+            "a frozen weight must not get a gradient"
+        );
+        let gx = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         // Same gradients as candle's built-in conv, for the input and a trainable weight.
         let w = Var::from_vec(wv, (6, 2, 3, 3), &dev).unwrap();
-        let ours = conv2d(x.as_tensor(), w.as_tensor(), 1, 2, 1, 2).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let theirs = x.as_tensor().conv2d(w.as_tensor(), 1, 2, 1, 2).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let ours = conv2d(x.as_tensor(), w.as_tensor(), 1, 2, 1, 2)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let theirs = x
+            .as_tensor()
+            .conv2d(w.as_tensor(), 1, 2, 1, 2)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for v in [x.as_tensor(), w.as_tensor()] {
-            let a = ours.get(v).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let b = theirs.get(v).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let a = ours
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let b = theirs
+                .get(v)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             assert!(a.iter().zip(&b).all(|(p, q)| (p - q).abs() < 1e-9));
         }
-        let tx = theirs.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let tx = theirs
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         assert!(gx.iter().zip(&tx).all(|(p, q)| (p - q).abs() < 1e-9));
     }
 }
