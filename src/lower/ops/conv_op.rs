@@ -26,30 +26,26 @@ fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
 }
 
 impl FrozenAwareConv {
+    /// Applies `f` to matching group slices of `a` (split on `a_dim`) and `b` (on `b_dim`) and
+    /// concatenates the results on `out_dim`.
     fn per_group<F>(
         &self,
         a: &Tensor,
         a_dim: usize,
         b: &Tensor,
         b_dim: usize,
-        c: &Tensor,
-        c_dim: usize,
         out_dim: usize,
         f: F,
     ) -> candle_core::Result<Tensor>
     where
-        F: Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>,
+        F: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
     {
         if self.groups == 1 {
-            return f(a, b, c);
+            return f(a, b);
         }
-        let (a, b, c) = (
-            a.chunk(self.groups, a_dim)?,
-            b.chunk(self.groups, b_dim)?,
-            c.chunk(self.groups, c_dim)?,
-        );
+        let (a, b) = (a.chunk(self.groups, a_dim)?, b.chunk(self.groups, b_dim)?);
         let parts = (0..self.groups)
-            .map(|k| f(&a[k], &b[k], &c[k]))
+            .map(|k| f(&a[k], &b[k]))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&parts, out_dim)
     }
@@ -91,7 +87,7 @@ impl CustomOp2 for FrozenAwareConv {
             let out = (gh - 1) * s + d * (kh - 1) + 1 - 2 * p;
             let out_padding = x.dim(2)? - out;
             // Per group: the gradient of group k's input comes from group k's outputs and weights.
-            Some(self.per_group(g, 1, w, 0, x, 1, 1, |g, w, _| {
+            Some(self.per_group(g, 1, w, 0, 1, |g, w| {
                 g.conv_transpose2d(w, p, out_padding, s, d)
             })?)
         } else {
@@ -99,7 +95,7 @@ impl CustomOp2 for FrozenAwareConv {
         };
         let gw = if w.track_op() {
             let (kh, kw) = (w.dim(2)?, w.dim(3)?);
-            let gw = self.per_group(x, 1, g, 1, w, 0, 0, |x, g, _| {
+            let gw = self.per_group(x, 1, g, 1, 0, |x, g| {
                 x.transpose(0, 1)?
                     .conv2d(&g.transpose(0, 1)?, p, d, s, 1)?
                     .transpose(0, 1)
