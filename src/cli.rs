@@ -217,8 +217,35 @@ pub struct DataArgs {
     pre: PreprocessArgs,
 }
 
-fn preprocess(a: PreprocessArgs) -> anyhow::Result<Preprocess> {
-    let (mean, std, scale) = (a.mean, a.std, a.scale);
+/// Preprocessing from the flags; flags not given fall back to what the model records in its
+/// metadata (`datafree.preprocess.mean` / `.std`, as the quick-start teacher does), then to
+/// mean 0, std 1.
+fn preprocess(a: PreprocessArgs, model: &onnx::LoadedModel) -> anyhow::Result<Preprocess> {
+    let meta = |k: &str| {
+        model
+            .proto
+            .metadata_props
+            .iter()
+            .find(|e| e.key == k)
+            .map(|e| e.value.clone())
+    };
+    let from_meta = |k: &str| -> anyhow::Result<Option<[f32; 3]>> {
+        meta(k)
+            .map(|v| {
+                data::parse_triple(&v)
+                    .with_context(|| format!("{}: metadata {k}", model.path.display()))
+            })
+            .transpose()
+    };
+    let mean = match a.mean {
+        Some(m) => Some(m),
+        None => from_meta("datafree.preprocess.mean")?,
+    };
+    let std = match a.std {
+        Some(s) => Some(s),
+        None => from_meta("datafree.preprocess.std")?,
+    };
+    let scale = a.scale;
     let d = Preprocess::default();
     let p = Preprocess {
         mean: mean.unwrap_or(d.mean),
@@ -268,7 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = onnx::load_model(&model)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(d.pre)?;
+            let pre = preprocess(d.pre, &loaded)?;
             let mut ds = data::open(&d.data, h, w)?;
             if let Some(n) = limit {
                 ds.truncate(n);
@@ -304,7 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = onnx::load_model(&model)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(pre)?;
+            let pre = preprocess(pre, &loaded)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
             let r = eval::check(&loaded, ds.as_ref(), &pre, limit, batch, seed, tolerance)?;
             if json {
@@ -368,7 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = onnx::load_model(&teacher)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(pre)?;
+            let pre = preprocess(pre, &loaded)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
             crate::compress::prepare_out_dir(&out, force)?;
             let opts = crate::compress::Options {
@@ -426,7 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = onnx::load_model(&student)?;
             let r = onnx::load_model(&reference)?;
             let (_, _, h, w) = eval::input_geometry(&r)?;
-            let pre = preprocess(pre)?;
+            let pre = preprocess(pre, &r)?;
             let mut ds = d.map(|x| data::open(&x, h, w)).transpose()?;
             if let (Some(d), Some(n)) = (ds.as_mut(), limit) {
                 d.truncate(n);

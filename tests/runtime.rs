@@ -5,6 +5,7 @@
 mod common;
 
 use datafree::onnx::fixtures::{self, BnVariant, QUICKSTART_SEED};
+use datafree::onnx::load_model;
 use datafree::verify::{ort_runtime, tract_runtime::TractModel};
 use prost::Message;
 
@@ -67,21 +68,39 @@ fn folding_bn_into_conv_does_not_change_the_outputs() {
     assert!(d < 1e-4, "kept vs folded max |diff| {d}");
 }
 
+/// The committed teacher is the `resnet_like` fixture trained by `examples/train_quickstart.rs`:
+/// same graph, trained values; its BN-folded twin is exactly `export::fold_bn` of it.
 #[test]
-fn committed_models_are_reproduced_bit_for_bit() {
-    for (name, model) in [
-        ("quickstart.onnx", fixtures::quickstart()),
-        (
-            "quickstart.bn-folded.onnx",
-            fixtures::resnet_like(BnVariant::Folded, QUICKSTART_SEED),
-        ),
-    ] {
-        let committed = std::fs::read(common::repo().join("onnx").join(name)).unwrap();
-        assert!(
-            committed == model.encode_to_vec(),
-            "onnx/{name} differs from what `cargo run --release --example make_fixtures` writes"
-        );
-    }
+fn committed_quickstart_models_are_what_the_project_makes() {
+    let teacher = load_model(&common::repo().join("onnx/quickstart.onnx")).unwrap();
+    let arch = fixtures::resnet_like(BnVariant::Kept, QUICKSTART_SEED);
+    let (tg, ag) = (teacher.graph(), arch.graph.as_ref().unwrap());
+    assert_eq!(tg.node, ag.node, "same nodes as the fixture");
+    let dims = |g: &datafree::onnx::pb::GraphProto| {
+        g.initializer
+            .iter()
+            .map(|t| (t.name.clone(), t.dims.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(dims(tg), dims(ag), "same parameters as the fixture");
+    assert_ne!(tg.initializer, ag.initializer, "but trained values");
+    let meta: Vec<&str> = teacher
+        .proto
+        .metadata_props
+        .iter()
+        .map(|e| e.key.as_str())
+        .collect();
+    assert!(
+        meta.contains(&"datafree.preprocess.mean") && meta.contains(&"datafree.recipe"),
+        "{meta:?}"
+    );
+    let (folded, n) = datafree::export::fold_bn(&teacher.proto).unwrap();
+    assert_eq!(n, 4);
+    let committed = std::fs::read(common::repo().join("onnx/quickstart.bn-folded.onnx")).unwrap();
+    assert!(
+        committed == folded.encode_to_vec(),
+        "onnx/quickstart.bn-folded.onnx differs from fold_bn(onnx/quickstart.onnx)"
+    );
 }
 
 #[test]

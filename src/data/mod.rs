@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod synthetic;
+
 /// A labelled set of RGB images, planar (C, H, W) u8.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -92,10 +94,37 @@ pub fn parse_triple(s: &str) -> Result<[f32; 3]> {
     Ok([v[0], v[1], v[2]])
 }
 
-/// Opens `--data SPEC`: `cifar10:FILE`, `cifar100:FILE`, a CIFAR binary file (10 or 100 classes
+/// `synthetic:shapes10:SPLIT[:N]` (N defaults to 2000).
+fn open_synthetic(rest: &str, height: usize, width: usize) -> Result<Dataset> {
+    let parts: Vec<&str> = rest.split(':').collect();
+    let usage = "synthetic data is written synthetic:shapes10:train|test[:N]";
+    ensure!(
+        parts.len() >= 2 && parts.len() <= 3 && parts[0] == "shapes10",
+        "{usage}, got 'synthetic:{rest}'"
+    );
+    let n = match parts.get(2) {
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("{usage}: '{v}' is not a positive count"))?,
+        None => 2000,
+    };
+    ensure!(
+        (height, width) == (synthetic::SIZE, synthetic::SIZE),
+        "shapes10 images are 32x32 but the model takes {height}x{width}"
+    );
+    synthetic::generate(parts[1], n)
+        .with_context(|| format!("{usage}: unknown split '{}'", parts[1]))
+}
+
+/// Opens `--data SPEC`: `synthetic:shapes10:SPLIT[:N]`, `cifar10:FILE`, `cifar100:FILE`, a CIFAR binary file (10 or 100 classes
 /// told apart by record size), or a folder of class sub-folders. Images are resized to
 /// `height` x `width` where they differ.
 pub fn open(spec: &str, height: usize, width: usize) -> Result<Dataset> {
+    if let Some(rest) = spec.strip_prefix("synthetic:") {
+        return open_synthetic(rest, height, width);
+    }
     let (kind, path) = match spec.split_once(':') {
         Some(("cifar10", p)) => (Some("cifar10"), PathBuf::from(p)),
         Some(("cifar100", p)) => (Some("cifar100"), PathBuf::from(p)),

@@ -426,3 +426,33 @@ pub fn build_student(
     out.producer_version = env!("CARGO_PKG_VERSION").into();
     Ok(out)
 }
+
+/// The model with the float initializers named in `values` replaced (same shapes).
+pub fn with_initializers(
+    model: &ModelProto,
+    values: &HashMap<String, Vec<f32>>,
+) -> Result<ModelProto> {
+    let mut out = model.clone();
+    let graph = out.graph.as_mut().expect("validated");
+    let mut done = 0;
+    for t in &mut graph.initializer {
+        if let Some(v) = values.get(&t.name) {
+            ensure!(
+                tensor::numel(t) == v.len() && t.data_type == DataType::Float as i32,
+                "initializer '{}' cannot take {} float values",
+                t.name,
+                v.len()
+            );
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            *t = tensor_f32(&t.name, &dims, v);
+            done += 1;
+        }
+    }
+    ensure!(
+        done == values.len(),
+        "{} of {} values matched no float initializer",
+        values.len() - done,
+        values.len()
+    );
+    Ok(out)
+}

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::ops::{self, NodeCtx, Op};
 use super::value::{RunCtx, Value};
@@ -27,6 +27,8 @@ struct Step {
 #[derive(Debug, Clone)]
 pub struct BnTap {
     pub name: String,
+    /// Index of the BatchNormalization node in the graph.
+    pub node_index: usize,
     pub slot: usize,
     pub stats: BnStats,
 }
@@ -42,6 +44,7 @@ pub struct Program {
     penultimate: Option<usize>,
     ctx: RunCtx,
     slot_of: HashMap<String, usize>,
+    vars: Vec<(String, Var)>,
 }
 
 /// What one forward pass returns.
@@ -56,14 +59,46 @@ pub struct Forward {
 
 /// Lowers `model` onto `device` computing in `dtype` (F32 normally, F64 for gradient checks).
 pub fn lower(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Program> {
-    let file = model.path.display().to_string();
-    lower_inner(model, device, dtype).with_context(|| file)
+    lower_with(model, device, dtype, false)
 }
 
-fn lower_inner(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Program> {
+/// Like [`lower`]; with `trainable`, the float parameters (weights and biases of Conv,
+/// ConvTranspose, Gemm, MatMul, PRelu, and BatchNormalization's scale and bias) become `Var`s,
+/// listed by [`Program::vars`].
+pub fn lower_with(
+    model: &LoadedModel,
+    device: &Device,
+    dtype: DType,
+    trainable: bool,
+) -> Result<Program> {
+    let file = model.path.display().to_string();
+    lower_inner(model, device, dtype, trainable).with_context(|| file)
+}
+
+/// Whether initializer `name` is a trainable parameter of some node.
+fn is_parameter(g: &GraphIndex, name: &str) -> bool {
+    g.consumers(name).iter().any(|&c| {
+        let n = g.node(c);
+        let k = n.input.iter().position(|i| i == name).unwrap_or(0);
+        match n.op_type.as_str() {
+            "Conv" | "ConvTranspose" | "Gemm" => k == 1 || k == 2,
+            "MatMul" | "PRelu" => k == 1,
+            "BatchNormalization" => k == 1 || k == 2,
+            _ => false,
+        }
+    })
+}
+
+fn lower_inner(
+    model: &LoadedModel,
+    device: &Device,
+    dtype: DType,
+    trainable: bool,
+) -> Result<Program> {
     let graph = model.graph();
     let g = GraphIndex::new(graph);
     let ctx = RunCtx {
+        bn_batch_stats: false,
         device: device.clone(),
         dtype,
     };
@@ -73,9 +108,19 @@ fn lower_inner(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Pro
         let n = slot_of.len();
         *slot_of.entry(name.to_string()).or_insert(n)
     };
+    let mut vars = Vec::new();
     for t in &graph.initializer {
         let v = ops::array::tensor_value_at(t, &ctx, model.dir())
             .with_context(|| format!("initializer '{}'", t.name))?;
+        let v = match v {
+            Value::F(f) if trainable && is_parameter(&g, &t.name) => {
+                let var = Var::from_tensor(&f)?;
+                let value = Value::F(var.as_tensor().clone());
+                vars.push((t.name.clone(), var));
+                value
+            }
+            other => other,
+        };
         let s = new_slot(&t.name, &mut slot_of);
         constants.push((s, v));
     }
@@ -160,6 +205,7 @@ fn lower_inner(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Pro
         .into_iter()
         .filter_map(|l| {
             Some(BnTap {
+                node_index: l.node_index,
                 slot: *slot_of.get(&l.input)?,
                 stats: l.stats?,
                 name: l.name,
@@ -195,6 +241,7 @@ fn lower_inner(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Pro
         penultimate,
         ctx,
         slot_of,
+        vars,
     })
 }
 
@@ -282,6 +329,16 @@ impl Program {
 
     pub fn input_name(&self) -> &str {
         &self.input_name
+    }
+
+    /// Trainable parameters by initializer name (empty unless lowered with `trainable`).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// BatchNormalization with batch statistics (training) or running statistics (inference).
+    pub fn set_bn_batch_stats(&mut self, on: bool) {
+        self.ctx.bn_batch_stats = on;
     }
 
     /// The tapped BatchNormalization layers and their running statistics.

@@ -42,6 +42,9 @@ pub enum Value {
 pub struct RunCtx {
     pub device: Device,
     pub dtype: DType,
+    /// BatchNormalization normalises with the batch's statistics (training) instead of the
+    /// running ones (inference).
+    pub bn_batch_stats: bool,
 }
 
 impl Value {

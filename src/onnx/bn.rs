@@ -64,6 +64,9 @@ pub struct BnLayer {
     pub running_var: Option<Summary>,
     #[serde(skip)]
     pub stats: Option<BnStats>,
+    /// Index of the node in the graph.
+    #[serde(skip)]
+    pub node_index: usize,
 }
 
 /// The full parameters of a resolved BN layer, for training losses.
@@ -267,6 +270,7 @@ fn layer(g: &GraphIndex, model: &LoadedModel, i: usize) -> BnLayer {
         running_mean: stats.as_ref().and_then(|s| summary(&s.running_mean)),
         running_var: stats.as_ref().and_then(|s| summary(&s.running_var)),
         stats,
+        node_index: i,
     }
 }
 

@@ -1,5 +1,5 @@
-//! Small, deterministic ONNX models the project makes itself: the quick-start teacher committed as
-//! `onnx/quickstart.onnx` (written by `cargo run --release --example make_fixtures`) and BN variants
+//! Small, deterministic ONNX models the project makes itself: the architecture of the quick-start
+//! teacher (trained into `onnx/quickstart.onnx` by `examples/train_quickstart.rs`) and BN variants
 //! (folded, partially folded, parameters behind Constant/Identity, pre-activation, unresolvable) that
 //! tests build in memory. Weights are random but fixed by the seed (ChaCha8), so files are
 //! reproducible bit for bit.
@@ -281,7 +281,7 @@ pub fn resnet_like(variant: BnVariant, seed: u64) -> ModelProto {
     m.build()
 }
 
-/// The committed quick-start teacher.
+/// The quick-start teacher's architecture with its initial (untrained) weights.
 pub fn quickstart() -> ModelProto {
     resnet_like(BnVariant::Kept, QUICKSTART_SEED)
 }

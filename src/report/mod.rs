@@ -275,6 +275,47 @@ pub fn render_gate(g: &crate::verify::gate::GateReport) -> String {
     o
 }
 
+/// Tiles planar (C, H, W) u8 RGB images into one PNG, `cols` per row, scaled up `zoom` times,
+/// written atomically.
+pub fn save_grid(
+    path: &std::path::Path,
+    images: &[&[u8]],
+    h: usize,
+    w: usize,
+    cols: usize,
+    zoom: u32,
+) -> anyhow::Result<()> {
+    let cols = cols.max(1);
+    let rows = images.len().div_ceil(cols);
+    let mut img = image::RgbImage::new((cols * (w + 2)) as u32, (rows * (h + 2)) as u32);
+    for (k, px) in images.iter().enumerate() {
+        let (ox, oy) = ((k % cols) * (w + 2) + 1, (k / cols) * (h + 2) + 1);
+        for y in 0..h {
+            for x in 0..w {
+                let p = image::Rgb([
+                    px[y * w + x],
+                    px[h * w + y * w + x],
+                    px[2 * h * w + y * w + x],
+                ]);
+                img.put_pixel((ox + x) as u32, (oy + y) as u32, p);
+            }
+        }
+    }
+    let img = image::imageops::resize(
+        &img,
+        img.width() * zoom,
+        img.height() * zoom,
+        image::imageops::FilterType::Nearest,
+    );
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
+    crate::io::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

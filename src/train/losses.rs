@@ -6,16 +6,7 @@ use candle_core::Tensor;
 
 use crate::lower::program::BnTap;
 
-/// Per-channel batch mean and biased variance of an N x C x ... tensor.
-pub fn channel_moments(t: &Tensor) -> Result<(Tensor, Tensor)> {
-    // Reduce the trailing (contiguous) dims first: candle's reductions over non-contiguous dims
-    // are much slower.
-    let f = t.flatten_from(2)?;
-    let mean = f.mean(2)?.mean(0)?;
-    let sq = f.sqr()?.mean(2)?.mean(0)?;
-    let var = (sq - mean.sqr()?)?;
-    Ok((mean, var))
-}
+pub use crate::lower::ops::nn::channel_moments;
 
 /// BNS = mean over layers of [MSE(mean, running mean) + MSE(var, running var)].
 pub fn bns(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {

@@ -1,4 +1,6 @@
 //! Training: losses shared by every data-free method (BN-statistics matching, distillation),
-//! optimisation loops and checkpoints.
+//! optimisers, and training loops.
 
+pub mod classifier;
 pub mod losses;
+pub mod optim;

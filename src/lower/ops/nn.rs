@@ -464,7 +464,13 @@ impl Op for BatchNorm {
             );
             Ok(t.reshape(shape.clone())?)
         };
-        let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
+        let (scale, bias) = (p(1)?, p(2)?);
+        let (mean, var) = if ctx.bn_batch_stats {
+            let (m, v) = channel_moments(&x)?;
+            (m.reshape(shape.clone())?, v.reshape(shape.clone())?)
+        } else {
+            (p(3)?, p(4)?)
+        };
         // y = (x - mean) * scale / sqrt(var + eps) + bias, as ONNX Runtime computes it.
         let a = scale.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let y = x
@@ -473,6 +479,22 @@ impl Op for BatchNorm {
             .broadcast_add(&bias)?;
         Ok(vec![Value::F(y)])
     }
+}
+
+/// Per-channel batch mean and biased variance of an N x C x ... tensor (the statistics
+/// BatchNormalization normalises with in training, and that BNS losses match).
+pub fn channel_moments(t: &Tensor) -> Result<(Tensor, Tensor)> {
+    // Reduce the trailing (contiguous) dims first: candle's reductions over non-contiguous dims
+    // are much slower.
+    let f = if t.rank() > 2 {
+        t.flatten_from(2)?
+    } else {
+        t.unsqueeze(2)?
+    };
+    let mean = f.mean(2)?.mean(0)?;
+    let sq = f.sqr()?.mean(2)?.mean(0)?;
+    let var = (sq - mean.sqr()?)?;
+    Ok((mean, var))
 }
 
 // ---------------------------------------------------------------- pooling
