@@ -131,9 +131,9 @@ pub enum Command {
         /// Clip observed ranges at this percentile (e.g. 99.99) instead of min/max.
         #[arg(long)]
         percentile: Option<f64>,
-        /// k in mean +- k std for ptq-bn ranges.
-        #[arg(long, default_value_t = 3.0)]
-        bn_k: f64,
+        /// k in mean +- k std for ptq-bn ranges [default: by bit width, 4.5 at 4 bits to 9 at 8]
+        #[arg(long)]
+        bn_k: Option<f64>,
         /// Labelled data to MEASURE the student on (never used to compress).
         #[arg(long)]
         data: Option<String>,

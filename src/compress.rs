@@ -47,8 +47,8 @@ pub struct Options {
     pub zeroq_lr: f64,
     /// Clip calibration ranges at this percentile (noise, ZeroQ).
     pub percentile: Option<f64>,
-    /// k in mean +- k std (ptq-bn).
-    pub bn_k: f64,
+    /// k in mean +- k std (ptq-bn); None = by bit width ([`calibrate::default_bn_k`]).
+    pub bn_k: Option<f64>,
     pub seed: u64,
     /// Noise images for verification when no data is given.
     pub verify_images: usize,
@@ -151,18 +151,22 @@ pub fn compress(
     let mut sources = std::collections::HashMap::new();
     let ranges: Ranges = match opts.method {
         Method::PtqBn => {
-            let mut r = calibrate::bn_ranges(
-                &teacher.proto,
-                &calibrate::bn_affine(teacher),
-                c,
-                &tensors,
-                opts.bn_k,
-            );
-            for t in r.keys() {
-                sources.insert(
-                    t.clone(),
-                    format!("BN statistics, mean +- {} std", opts.bn_k),
-                );
+            let with_k: Vec<(String, f64)> = plan
+                .points
+                .iter()
+                .map(|p| {
+                    (
+                        p.tensor.clone(),
+                        opts.bn_k.unwrap_or_else(|| calibrate::default_bn_k(p.bits)),
+                    )
+                })
+                .collect();
+            let mut r =
+                calibrate::bn_ranges(&teacher.proto, &calibrate::bn_affine(teacher), c, &with_k);
+            for (t, k) in &with_k {
+                if r.contains_key(t) {
+                    sources.insert(t.clone(), format!("BN statistics, mean +- {k} std"));
+                }
             }
             let missing: Vec<String> = tensors
                 .iter()
