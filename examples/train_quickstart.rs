@@ -36,7 +36,8 @@ fn main() -> Result<()> {
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx"),
     };
     std::fs::create_dir_all(&dir)?;
-    let tmp = tempfile_path(&dir)?;
+    let tmp_dir = tempfile::tempdir()?;
+    let tmp = tmp_dir.path().join("init.onnx");
     write_model(
         &tmp,
         &fixtures::resnet_like(BnVariant::Kept, QUICKSTART_SEED),
@@ -79,7 +80,6 @@ fn main() -> Result<()> {
         pb.set_message(format!("train, loss {l:.3}"));
     })?;
     pb.finish_and_clear();
-    let _ = std::fs::remove_file(&tmp);
     let meta = [
         ("datafree.preprocess.mean", "0.5,0.5,0.5".to_string()),
         ("datafree.preprocess.std", "0.25,0.25,0.25".to_string()),
@@ -129,8 +129,4 @@ fn main() -> Result<()> {
         r.top1
     );
     Ok(())
-}
-
-fn tempfile_path(dir: &Path) -> Result<std::path::PathBuf> {
-    Ok(dir.join(format!(".init-{}.onnx", std::process::id())))
 }

@@ -143,7 +143,8 @@ pub fn compress(
     ));
 
     // The float graph the points live in, for observed ranges.
-    let float_path = out.join(".float-student.onnx");
+    let float_dir = tempfile::tempdir()?;
+    let float_path = float_dir.path().join("float-student.onnx");
     crate::onnx::builder::write_model(&float_path, &folded)?;
     let float_model = onnx::load_model(&float_path)?;
     let tc = Instant::now();
@@ -235,7 +236,6 @@ pub fn compress(
             r
         }
     };
-    let _ = std::fs::remove_file(&float_path);
     let calibration_seconds = tc.elapsed().as_secs_f64();
     let params: PointParams = plan
         .points

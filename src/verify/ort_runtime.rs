@@ -110,8 +110,8 @@ pub fn optimized_op_counts(model: &Path) -> Result<std::collections::BTreeMap<St
     use ort::session::builder::GraphOptimizationLevel;
     use prost::Message;
     let env = environment()?;
-    let dir = tempfile_dir()?;
-    let out = dir.join("optimized.onnx");
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("optimized.onnx");
     let ctx = || {
         format!(
             "{}: ONNX Runtime cannot optimise the model",
@@ -129,25 +129,12 @@ pub fn optimized_op_counts(model: &Path) -> Result<std::collections::BTreeMap<St
         .commit_from_file(model)
         .with_context(ctx)?;
     let bytes = std::fs::read(&out).with_context(ctx)?;
-    let _ = std::fs::remove_dir_all(&dir);
     let m = crate::onnx::pb::ModelProto::decode(bytes.as_slice()).with_context(ctx)?;
     let mut h = std::collections::BTreeMap::new();
     for n in m.graph.map(|g| g.node).unwrap_or_default() {
         *h.entry(n.op_type).or_insert(0) += 1;
     }
     Ok(h)
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!(
-        "datafree-ort-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
 }
 
 /// Median wall time (ms) of `reps` runs on one batch, after two warm-up runs.
