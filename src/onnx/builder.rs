@@ -71,13 +71,12 @@ pub fn tensor_f32(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
         data.len(),
         "tensor '{name}': dims do not match data"
     );
-    TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Float as i32,
-        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
+    tensor_raw(
+        name,
+        dims,
+        DataType::Float,
+        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
 }
 
 /// A tensor from raw little-endian bytes of element type `dt`.
@@ -115,13 +114,12 @@ pub fn tensor_i64(name: &str, dims: &[usize], data: &[i64]) -> TensorProto {
         data.len(),
         "tensor '{name}': dims do not match data"
     );
-    TensorProto {
-        name: name.into(),
-        dims: dims.iter().map(|&d| d as i64).collect(),
-        data_type: DataType::Int64 as i32,
-        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
+    tensor_raw(
+        name,
+        dims,
+        DataType::Int64,
+        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
 }
 
 pub fn attr_int(name: &str, v: i64) -> AttributeProto {
