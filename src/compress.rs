@@ -300,6 +300,17 @@ pub fn compress(
         .map(|(d, pre)| compare::compare(&student_model, teacher, &Inputs::Data(d, pre), 100, true))
         .transpose()?;
     let mut notes = Vec::new();
+    let fallback = sources
+        .values()
+        .filter(|s| s.starts_with("noise (no BN"))
+        .count();
+    if opts.method == Method::PtqBn && fallback > 0 {
+        notes.push(format!(
+            "ptq-bn: {fallback} of {} activation points are not reached by BN statistics and were calibrated on noise instead{}",
+            plan.points.len(),
+            if crate::onnx::bn::analyse(teacher).bn_count == 0 { " (the teacher has no BatchNormalization: BN was folded at export)" } else { "" }
+        ));
+    }
     if !opts.full_range_weights
         && plan.layers.iter().any(|l| l.weight_bits == 7)
         && opts.bits.weights == 8

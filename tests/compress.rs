@@ -399,3 +399,24 @@ fn quickstart_end_to_end_meets_accuracy_floors() {
         );
     }
 }
+
+#[test]
+fn ptq_bn_on_a_bn_folded_teacher_says_it_fell_back_to_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("folded.onnx");
+    datafree::onnx::builder::write_model(
+        &t,
+        &fixtures::resnet_like(fixtures::BnVariant::Folded, fixtures::QUICKSTART_SEED),
+    )
+    .unwrap();
+    let r = compress(
+        &t,
+        &dir.path().join("q"),
+        &["--bits", "w8a8", "--method", "ptq-bn"],
+    );
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("calibrated on noise instead") && notes.contains("BN was folded"),
+        "{notes}"
+    );
+}
