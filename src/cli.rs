@@ -90,60 +90,19 @@ pub enum Command {
     Compress {
         /// The teacher ONNX model.
         teacher: PathBuf,
-        /// Bit widths: wNaM (N-bit weights, M-bit activations), N and M in 2..=8.
-        #[arg(long, default_value = "w8a8")]
-        bits: crate::quant::BitSpec,
-        /// How activation ranges are found without data.
-        #[arg(long, value_enum, default_value_t = crate::quant::calibrate::Method::PtqBn)]
-        method: crate::quant::calibrate::Method,
         /// Output folder (refused when not empty, unless --force).
         #[arg(long)]
         out: PathBuf,
         /// Overwrite student.onnx and report.json in a non-empty --out.
         #[arg(long)]
         force: bool,
-        /// Bit width of the first and last layer (weights and input).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(2..=8))]
-        first_last_bits: Option<u8>,
-        /// Weight quantization (per output channel).
-        #[arg(long, value_enum, default_value_t = crate::quant::WeightScheme::Symmetric)]
-        weight_scheme: crate::quant::WeightScheme,
-        /// Keep 8-bit weights on the full int8 range; by default they use +-63, because ONNX
-        /// Runtime's x86 U8S8 kernels without VNNI saturate with full-range weights.
-        #[arg(long)]
-        full_range_weights: bool,
-        /// Store weights of 4 bits or fewer as ONNX INT4 (raises the opset to 21): a smaller file,
-        /// but ONNX Runtime does not fuse INT4 layers and tract cannot read them.
-        #[arg(long)]
-        int4_weights: bool,
-        /// BatchNormalization in the student: folded into conv (deployable) or kept (GDFQ-exact).
-        #[arg(long, value_enum, default_value_t = crate::compress::BnMode::Fold)]
-        bn: crate::compress::BnMode,
-        /// Calibration images (noise, zeroq).
-        #[arg(long, default_value_t = 64)]
-        calib_images: usize,
-        /// ZeroQ optimisation steps.
-        #[arg(long, default_value_t = 200)]
-        zeroq_iters: usize,
-        /// ZeroQ Adam learning rate.
-        #[arg(long, default_value_t = 0.1)]
-        zeroq_lr: f64,
-        /// Clip observed ranges at this percentile (e.g. 99.99) instead of min/max.
-        #[arg(long)]
-        percentile: Option<f64>,
-        /// k in mean +- k std for ptq-bn ranges [default: by bit width, 4.5 at 4 bits to 9 at 8]
-        #[arg(long)]
-        bn_k: Option<f64>,
+        #[command(flatten)]
+        opts: crate::compress::Options,
         /// Labelled data to MEASURE the student on (never used to compress).
         #[arg(long)]
         data: Option<String>,
         #[command(flatten)]
         pre: PreprocessArgs,
-        /// Noise images for verification.
-        #[arg(long, default_value_t = 256)]
-        verify_images: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
         /// Print the report as JSON instead of the summary.
         #[arg(long)]
         json: bool,
@@ -373,24 +332,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Compress {
             teacher,
-            bits,
-            method,
             out,
             force,
-            first_last_bits,
-            weight_scheme,
-            full_range_weights,
-            int4_weights,
-            bn,
-            calib_images,
-            zeroq_iters,
-            zeroq_lr,
-            percentile,
-            bn_k,
+            opts,
             data: d,
             pre,
-            verify_images,
-            seed,
             json,
         } => {
             let loaded = onnx::load_model(&teacher)?;
@@ -398,22 +344,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pre = preprocess(pre, &loaded)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
             crate::compress::prepare_out_dir(&out, force)?;
-            let opts = crate::compress::Options {
-                bits,
-                method,
-                first_last_bits,
-                weight_scheme,
-                full_range_weights,
-                int4_weights,
-                bn,
-                calib_images,
-                zeroq_iters,
-                zeroq_lr,
-                percentile,
-                bn_k,
-                seed,
-                verify_images,
-            };
             let quiet = json;
             let mut log = |m: &str| {
                 if !quiet {

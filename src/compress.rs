@@ -30,27 +30,51 @@ pub enum BnMode {
     Keep,
 }
 
-#[derive(Debug, Clone)]
+/// Everything `compress` can be told; also the `datafree compress` flags.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// Bit widths: wNaM (N-bit weights, M-bit activations), N and M in 2..=8.
+    #[arg(long, default_value = "w8a8")]
     pub bits: BitSpec,
+    /// How activation ranges are found without data.
+    #[arg(long, value_enum, default_value_t = Method::PtqBn)]
     pub method: Method,
+    /// Bit width of the first and last layer (weights and input).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(2..=8))]
     pub first_last_bits: Option<u8>,
+    /// Weight quantization (per output channel).
+    #[arg(long, value_enum, default_value_t = WeightScheme::Symmetric)]
     pub weight_scheme: WeightScheme,
-    /// Keep 8-bit weights on the full int8 range (see [`PlanOptions::reduce_range`]).
+    /// Keep 8-bit weights on the full int8 range; by default they use +-63, because ONNX
+    /// Runtime's x86 U8S8 kernels without VNNI saturate with full-range weights.
+    #[arg(long)]
     pub full_range_weights: bool,
-    /// Store weights of 4 bits or fewer as ONNX INT4 (opset 21).
+    /// Store weights of 4 bits or fewer as ONNX INT4 (raises the opset to 21): a smaller file,
+    /// but ONNX Runtime does not fuse INT4 layers and tract cannot read them.
+    #[arg(long)]
     pub int4_weights: bool,
+    /// BatchNormalization in the student: folded into conv (deployable) or kept (GDFQ-exact).
+    #[arg(long, value_enum, default_value_t = BnMode::Fold)]
     pub bn: BnMode,
-    /// Images for noise / ZeroQ calibration.
+    /// Calibration images (noise, zeroq).
+    #[arg(long, default_value_t = 64)]
     pub calib_images: usize,
+    /// ZeroQ optimisation steps.
+    #[arg(long, default_value_t = 200)]
     pub zeroq_iters: usize,
+    /// ZeroQ Adam learning rate.
+    #[arg(long, default_value_t = 0.1)]
     pub zeroq_lr: f64,
-    /// Clip calibration ranges at this percentile (noise, ZeroQ).
+    /// Clip observed ranges at this percentile (e.g. 99.99) instead of min/max.
+    #[arg(long)]
     pub percentile: Option<f64>,
-    /// k in mean +- k std (ptq-bn); None = by bit width ([`calibrate::default_bn_k`]).
+    /// k in mean +- k std for ptq-bn ranges [default: by bit width, 4.5 at 4 bits to 9 at 8]
+    #[arg(long)]
     pub bn_k: Option<f64>,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Noise images for verification when no data is given.
+    /// Noise images for verification.
+    #[arg(long, default_value_t = 256)]
     pub verify_images: usize,
 }
 
