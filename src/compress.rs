@@ -118,6 +118,12 @@ pub struct Report {
 
 pub const PLACEMENT: &str = "weights per output channel (int8 container); activations at the data input of every Conv/Gemm/MatMul (M bits, uint8 container, Clip for M < 8); the network input at 8 bits; with BN folded, layer outputs feeding anything but a ReLU at 8 bits (where the GDFQ reference keeps float), so ONNX Runtime can fuse Conv/Add";
 
+/// The name a value has on the command line (`ptq-bn`, `symmetric`, `fold`).
+pub fn cli_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
+}
+
 /// Refuses a non-empty output folder unless `force`.
 pub fn prepare_out_dir(dir: &Path, force: bool) -> Result<()> {
     if dir.exists() {
@@ -277,10 +283,7 @@ pub fn compress(
             "datafree.version".to_string(),
             env!("CARGO_PKG_VERSION").to_string(),
         ),
-        (
-            "datafree.method".to_string(),
-            format!("{:?}", opts.method).to_lowercase(),
-        ),
+        ("datafree.method".to_string(), cli_name(&opts.method)),
         ("datafree.bits".to_string(), opts.bits.to_string()),
         (
             "datafree.first_last_bits".to_string(),
