@@ -379,19 +379,24 @@ fn shape_subgraph_split_and_constants_match_ort() {
     }
 }
 
+/// The error lowering `model` gives (written to bad.onnx), as one line.
+fn lower_error(model: &ModelProto) -> String {
+    let (_dir, path) = common::write_temp(model, "bad.onnx");
+    format!(
+        "{:#}",
+        lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F32)
+            .err()
+            .expect("lowering must fail")
+    )
+}
+
 #[test]
 fn unsupported_op_is_an_error_naming_node_and_op() {
     let mut m = ModelBuilder::new("bad", 17);
     m.input("x", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(4)]);
     m.node("LpNormalization", "norm1", &["x"], &["y"], vec![]);
     m.output_any_shape("y");
-    let (_dir, path) = common::write_temp(&m.build(), "bad.onnx");
-    let e = format!(
-        "{:#}",
-        lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F32)
-            .err()
-            .unwrap()
-    );
+    let e = lower_error(&m.build());
     assert!(
         e.contains("bad.onnx")
             && e.contains("node 'norm1' (LpNormalization)")
@@ -417,13 +422,7 @@ fn bad_attribute_is_an_error_naming_node_and_op() {
     );
     m.initializer(tensor_f32("sc", &[4], &[1.0, 1.0, 2.0, 2.0]));
     m.output_any_shape("y");
-    let (_dir, path) = common::write_temp(&m.build(), "bad.onnx");
-    let e = format!(
-        "{:#}",
-        lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F32)
-            .err()
-            .unwrap()
-    );
+    let e = lower_error(&m.build());
     assert!(
         e.contains("node 'up' (Resize)") && e.contains("mode 'cubic'"),
         "{e}"

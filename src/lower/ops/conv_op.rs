@@ -141,6 +141,11 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
+    /// Gradients of sum(y^2).
+    fn sq_sum_grads(y: Tensor) -> candle_core::backprop::GradStore {
+        y.sqr().unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     #[test]
     fn frozen_weights_get_no_gradient_and_trainable_ones_match_candle() {
         let dev = Device::Cpu;
@@ -152,14 +157,7 @@ mod tests {
             .collect();
         let x = Var::from_vec(xv, (2, 4, 7, 7), &dev).unwrap();
         let frozen = Tensor::from_vec(wv.clone(), (6, 2, 3, 3), &dev).unwrap();
-        let grads = conv2d(x.as_tensor(), &frozen, 1, 2, 1, 2)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = sq_sum_grads(conv2d(x.as_tensor(), &frozen, 1, 2, 1, 2).unwrap());
         assert!(
             grads.get(&frozen).is_none(),
             "a frozen weight must not get a gradient"
@@ -173,24 +171,8 @@ mod tests {
             .unwrap();
         // Same gradients as candle's built-in conv, for the input and a trainable weight.
         let w = Var::from_vec(wv, (6, 2, 3, 3), &dev).unwrap();
-        let ours = conv2d(x.as_tensor(), w.as_tensor(), 1, 2, 1, 2)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let theirs = x
-            .as_tensor()
-            .conv2d(w.as_tensor(), 1, 2, 1, 2)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let ours = sq_sum_grads(conv2d(x.as_tensor(), w.as_tensor(), 1, 2, 1, 2).unwrap());
+        let theirs = sq_sum_grads(x.as_tensor().conv2d(w.as_tensor(), 1, 2, 1, 2).unwrap());
         for v in [x.as_tensor(), w.as_tensor()] {
             let a = ours
                 .get(v)
