@@ -1,3 +1,4 @@
 fn main() -> std::process::ExitCode {
+    datafree::kernels::tune_allocator();
     datafree::cli::main()
 }

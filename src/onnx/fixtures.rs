@@ -45,7 +45,9 @@ impl Rand {
 
 /// A conv layer with its BN parameters (drawn once, used kept or folded).
 struct ConvBn {
-    name: &'static str,
+    name: String,
+    /// Square kernel size (3, or 1 for projection shortcuts).
+    k: usize,
     cin: usize,
     cout: usize,
     stride: i64,
@@ -57,14 +59,26 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn new(r: &mut Rand, name: &'static str, cin: usize, cout: usize, stride: i64) -> Self {
-        let std = (2.0 / (cin * 9) as f32).sqrt();
+    fn new(r: &mut Rand, name: &str, cin: usize, cout: usize, stride: i64) -> Self {
+        Self::with_kernel(r, name, 3, cin, cout, stride)
+    }
+
+    fn with_kernel(
+        r: &mut Rand,
+        name: &str,
+        k: usize,
+        cin: usize,
+        cout: usize,
+        stride: i64,
+    ) -> Self {
+        let std = (2.0 / (cin * k * k) as f32).sqrt();
         Self {
-            name,
+            name: name.to_string(),
+            k,
             cin,
             cout,
             stride,
-            w: r.normal(cout * cin * 9, std),
+            w: r.normal(cout * cin * k * k, std),
             gamma: r.uniform(cout, 0.8, 1.2),
             beta: r.normal(cout, 0.1),
             mean: r.normal(cout, 0.3),
@@ -74,15 +88,15 @@ impl ConvBn {
 
     fn conv_attrs(&self) -> Vec<super::pb::AttributeProto> {
         vec![
-            attr_ints("kernel_shape", &[3, 3]),
-            attr_ints("pads", &[1, 1, 1, 1]),
+            attr_ints("kernel_shape", &[self.k as i64; 2]),
+            attr_ints("pads", &[self.k as i64 / 2; 4]),
             attr_ints("strides", &[self.stride, self.stride]),
         ]
     }
 
     /// Conv weights and bias with the BN folded in: w' = w*g/sqrt(v+eps), b' = beta - mean*g/sqrt(v+eps).
     fn folded(&self) -> (Vec<f32>, Vec<f32>) {
-        let k = self.cin * 9;
+        let k = self.cin * self.k * self.k;
         let mut w = self.w.clone();
         let mut b = vec![0.0; self.cout];
         for o in 0..self.cout {
@@ -99,21 +113,21 @@ impl ConvBn {
         let wname = format!("{}.weight", self.name);
         if fold {
             let (w, b) = self.folded();
-            m.init_f32(&wname, &[self.cout, self.cin, 3, 3], &w);
+            m.init_f32(&wname, &[self.cout, self.cin, self.k, self.k], &w);
             let bname = m.init_f32(&format!("{}.bias", self.name), &[self.cout], &b);
             m.node(
                 "Conv",
-                self.name,
+                &self.name,
                 &[x, &wname, &bname],
                 &[&conv_out],
                 self.conv_attrs(),
             );
             return conv_out;
         }
-        m.init_f32(&wname, &[self.cout, self.cin, 3, 3], &self.w);
+        m.init_f32(&wname, &[self.cout, self.cin, self.k, self.k], &self.w);
         m.node(
             "Conv",
-            self.name,
+            &self.name,
             &[x, &wname],
             &[&conv_out],
             self.conv_attrs(),
@@ -376,5 +390,52 @@ pub fn linear_classifier(seed: u64) -> ModelProto {
         vec![attr_int("transB", 1)],
     );
     m.output("logits", DataType::Float, &[Dim::from("N"), Dim::Fixed(10)]);
+    m.build()
+}
+
+/// The CIFAR ResNet-20 of He et al. (3 stages of 3 basic blocks, 16/32/64 channels, 1x1
+/// conv + BN projection shortcuts where the shape changes) with random weights and BN
+/// statistics: the benchmark's network, same layers as the PyTorch model it is timed against.
+pub fn resnet20(classes: usize, seed: u64) -> ModelProto {
+    let mut r = Rand(ChaCha8Rng::seed_from_u64(seed));
+    let mut m = ModelBuilder::new("resnet20", 17);
+    m.input(
+        "input",
+        DataType::Float,
+        &[Dim::from("N"), 3.into(), 32.into(), 32.into()],
+    );
+    let stem = ConvBn::new(&mut r, "conv1", 3, 16, 1);
+    let x = stem.emit(&mut m, "input", false, BnParams::Initializers);
+    let mut x = relu(&mut m, "relu", &x);
+    let mut cin = 16;
+    for (stage, cout) in [16usize, 32, 64].into_iter().enumerate() {
+        for block in 0..3 {
+            let stride = if stage > 0 && block == 0 { 2 } else { 1 };
+            let p = format!("layer{}.{block}", stage + 1);
+            let a = ConvBn::new(&mut r, &format!("{p}.conv1"), cin, cout, stride);
+            let b = ConvBn::new(&mut r, &format!("{p}.conv2"), cout, cout, 1);
+            let y = a.emit(&mut m, &x, false, BnParams::Initializers);
+            let y = relu(&mut m, &format!("{p}.relu1"), &y);
+            let y = b.emit(&mut m, &y, false, BnParams::Initializers);
+            let short = if stride != 1 || cin != cout {
+                let proj = ConvBn::with_kernel(
+                    &mut r,
+                    &format!("{p}.shortcut.conv"),
+                    1,
+                    cin,
+                    cout,
+                    stride,
+                );
+                proj.emit(&mut m, &x, false, BnParams::Initializers)
+            } else {
+                x.clone()
+            };
+            let sum = format!("{p}.add_out");
+            m.node("Add", &format!("{p}.add"), &[&y, &short], &[&sum], vec![]);
+            x = relu(&mut m, &format!("{p}.relu2"), &sum);
+            cin = cout;
+        }
+    }
+    head(&mut m, &mut r, &x, 64, classes);
     m.build()
 }

@@ -50,8 +50,8 @@ impl Op for Unary {
     fn run(&self, ctx: &RunCtx, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input(inputs, 0)?.float(ctx)?;
         let y = match self.0 {
-            Kind::Relu => x.relu()?,
-            Kind::Leaky(a) => (x.relu()? + (x.minimum(0.0)? * a)?)?,
+            Kind::Relu => crate::kernels::relu(&x)?,
+            Kind::Leaky(a) => crate::kernels::leaky_relu(&x, a)?,
             Kind::Sigmoid => sigmoid(&x)?,
             Kind::HardSigmoid(a, b) => hard_sigmoid(&x, a, b)?,
             Kind::HardSwish => (&x * hard_sigmoid(&x, 1.0 / 6.0, 0.5)?)?,

@@ -13,7 +13,6 @@ use crate::onnx::pb::NodeProto;
 
 pub mod activation;
 pub mod array;
-pub mod conv_op;
 pub mod math;
 pub mod nn;
 pub mod quant;

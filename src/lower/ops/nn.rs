@@ -204,32 +204,6 @@ fn strided(x: &Tensor, dim: usize, start: usize, count: usize, step: usize) -> R
 
 // ---------------------------------------------------------------- Conv
 
-/// candle's conv2d, avoiding its backward bug on non-square inputs with stride > 1 (the output
-/// padding of the input gradient is computed from the height only): such inputs are zero-extended
-/// to a square, convolved, and the valid outputs cropped. The extra rows/columns lie beyond every
-/// valid output's receptive field.
-fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    pad: usize,
-    stride: usize,
-    dil: usize,
-    groups: usize,
-) -> Result<Tensor> {
-    let (_, _, ih, iw) = x.dims4()?;
-    if stride == 1 || ih == iw {
-        return Ok(super::conv_op::conv2d(x, w, pad, stride, dil, groups)?);
-    }
-    let (_, _, kh, kw) = w.dims4()?;
-    let side = ih.max(iw);
-    let xs = x
-        .pad_with_zeros(2, 0, side - ih)?
-        .pad_with_zeros(3, 0, side - iw)?;
-    let full = super::conv_op::conv2d(&xs, w, pad, stride, dil, groups)?;
-    let out = |len: usize, k: usize| (len + 2 * pad - (k - 1) * dil - 1) / stride + 1;
-    Ok(full.narrow(2, 0, out(ih, kh))?.narrow(3, 0, out(iw, kw))?)
-}
-
 struct Conv {
     w: Window,
     groups: usize,
@@ -268,10 +242,6 @@ impl Op for Conv {
             lifted,
             1,
         );
-        ensure!(
-            d[0] == d[1] || lifted,
-            "different dilations per axis ({d:?}) are not supported"
-        );
         let spatial = if lifted { vec![iw] } else { vec![ih, iw] };
         let pads = lift_pads(
             self.w.resolve_pads(
@@ -282,29 +252,18 @@ impl Op for Conv {
             )?,
             lifted,
         );
-        let dil = d[1];
-        let symmetric = pads.iter().all(|&(b, e)| b == e) && pads[0].0 == pads[1].0;
-        let y = if symmetric && s[0] == s[1] {
-            conv2d(&x, &w, pads[0].0, s[0], dil, self.groups)?
-        } else {
-            // Asymmetric pads / per-axis strides: pad explicitly, convolve at stride 1 where the
-            // strides differ, then subsample.
-            let xp = pad_spatial(&x, &pads, 0.0)?;
-            if s[0] == s[1] {
-                conv2d(&xp, &w, 0, s[0], dil, self.groups)?
-            } else {
-                let full = conv2d(&xp, &w, 0, 1, dil, self.groups)?;
-                let (_, _, fh, fw) = full.dims4()?;
-                let oh = (fh - 1) / s[0] + 1;
-                let ow = (fw - 1) / s[1] + 1;
-                let full = full
-                    .pad_with_zeros(2, 0, oh * s[0] - fh.min(oh * s[0]))?
-                    .pad_with_zeros(3, 0, ow * s[1] - fw.min(ow * s[1]))?;
-                strided(&strided(&full, 2, 0, oh, s[0])?, 3, 0, ow, s[1])?
-            }
+        let spec = crate::kernels::Conv2dSpec {
+            stride: [s[0], s[1]],
+            pad: [pads[0].0, pads[1].0, pads[0].1, pads[1].1],
+            dilation: [d[0], d[1]],
+            groups: self.groups,
         };
+        let y = crate::kernels::conv2d(&x, &w, spec)?;
         let y = match opt(inputs, 2) {
-            Some(b) => y.broadcast_add(&b.float(ctx)?.reshape((1, m, 1, 1))?)?,
+            Some(b) => {
+                let ones = Tensor::ones(m, y.dtype(), y.device())?;
+                crate::kernels::channel_affine(&y, &ones, &b.float(ctx)?)?
+            }
             None => y,
         };
         Ok(vec![Value::F(unlift(y, lifted)?)])
@@ -351,10 +310,6 @@ impl Op for ConvTranspose {
         ensure!(
             s[0] == s[1] || lifted,
             "different strides per axis ({s:?}) are not supported"
-        );
-        ensure!(
-            d[0] == d[1] || lifted,
-            "different dilations per axis ({d:?}) are not supported"
         );
         let ins = [ih, iw];
         let k = [kh, kw];
@@ -453,8 +408,6 @@ impl Op for BatchNorm {
             x.dims()
         );
         let c = x.dim(1)?;
-        let mut shape = vec![1usize; x.rank()];
-        shape[1] = c;
         let p = |i: usize| -> Result<Tensor> {
             let t = input(inputs, i)?.float(ctx)?;
             ensure!(
@@ -462,40 +415,23 @@ impl Op for BatchNorm {
                 "parameter {i} has {} values for {c} channels",
                 t.elem_count()
             );
-            Ok(t.reshape(shape.clone())?)
+            Ok(t.flatten_all()?)
         };
         let (scale, bias) = (p(1)?, p(2)?);
         let (mean, var) = if ctx.bn_batch_stats {
-            let (m, v) = channel_moments(&x)?;
-            (m.reshape(shape.clone())?, v.reshape(shape.clone())?)
+            channel_moments(&x)?
         } else {
             (p(3)?, p(4)?)
         };
-        // y = (x - mean) * scale / sqrt(var + eps) + bias, as ONNX Runtime computes it.
-        let a = scale.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = x
-            .broadcast_sub(&mean)?
-            .broadcast_mul(&a)?
-            .broadcast_add(&bias)?;
+        // y = (x - mean) * a + bias with a = scale / sqrt(var + eps), as ONNX Runtime computes
+        // it, fused into one per-channel affine x * a + (bias - mean * a).
+        let a = (scale / (var + self.eps)?.sqrt()?)?;
+        let y = crate::kernels::channel_affine(&x, &a, &(bias - (mean * &a)?)?)?;
         Ok(vec![Value::F(y)])
     }
 }
 
-/// Per-channel batch mean and biased variance of an N x C x ... tensor (the statistics
-/// BatchNormalization normalises with in training, and that BNS losses match).
-pub fn channel_moments(t: &Tensor) -> Result<(Tensor, Tensor)> {
-    // Reduce the trailing (contiguous) dims first: candle's reductions over non-contiguous dims
-    // are much slower.
-    let f = if t.rank() > 2 {
-        t.flatten_from(2)?
-    } else {
-        t.unsqueeze(2)?
-    };
-    let mean = f.mean(2)?.mean(0)?;
-    let sq = f.sqr()?.mean(2)?.mean(0)?;
-    let var = (sq - mean.sqr()?)?;
-    Ok((mean, var))
-}
+pub use crate::kernels::channel_moments;
 
 // ---------------------------------------------------------------- pooling
 
@@ -526,25 +462,6 @@ fn pool(n: &NodeCtx, max: bool) -> Result<Box<dyn Op>> {
     }))
 }
 
-/// Output length of a pooling window along one axis (ONNX / PyTorch rules, incl. ceil_mode).
-fn pool_out(len: usize, k: usize, s: usize, pb: usize, pe: usize, ceil: bool) -> Result<usize> {
-    let span = len + pb + pe;
-    ensure!(
-        span >= k,
-        "pooling window {k} is larger than the padded input {span}"
-    );
-    let mut out = if ceil {
-        (span - k).div_ceil(s) + 1
-    } else {
-        (span - k) / s + 1
-    };
-    // A window may not start in the end padding.
-    if ceil && (out - 1) * s >= len + pb {
-        out -= 1;
-    }
-    Ok(out)
-}
-
 impl Op for Pool {
     fn run(&self, ctx: &RunCtx, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let (x, lifted) = lift(&input(inputs, 0)?.float(ctx)?)?;
@@ -563,8 +480,22 @@ impl Op for Pool {
             lifted,
         );
         let ins = [h, w];
+        let spec = crate::kernels::Pool2dSpec {
+            kernel: [k[0], k[1]],
+            stride: [s[0], s[1]],
+            pad: [pads[0].0, pads[1].0, pads[0].1, pads[1].1],
+            ceil_mode: self.ceil_mode,
+            max: self.max,
+            count_include_pad: self.count_include_pad,
+        };
+        if crate::kernels::enabled(x.device()) {
+            return Ok(vec![Value::F(unlift(
+                crate::kernels::pool2d(&x, spec)?,
+                lifted,
+            )?)]);
+        }
         let outs: Vec<usize> = (0..2)
-            .map(|i| pool_out(ins[i], k[i], s[i], pads[i].0, pads[i].1, self.ceil_mode))
+            .map(|i| spec.out_len(ins[i], i).map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?;
         // Fast path with a correct candle gradient: average over non-overlapping, unpadded windows.
         if !self.max

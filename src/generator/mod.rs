@@ -1,0 +1,37 @@
+//! Generators: networks that map a latent code and a class label to an image in the teacher's
+//! input space. One file per family; parameters live in a `Params` store (seeded init,
+//! safetensors checkpoints).
+
+pub mod gdfq;
+pub mod params;
+
+pub use gdfq::{GdfqConfig, GdfqGenerator};
+pub use params::Params;
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use crate::kernels::{channel_affine, channel_moments};
+
+/// Training-mode batch normalisation over N x C x ... (batch statistics), with an optional
+/// per-channel affine `gamma`, `beta` (C vectors, or N x C rows for class-conditional BN).
+pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> Result<Tensor> {
+    let (mean, var) = channel_moments(x)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    Ok(match affine {
+        None => channel_affine(x, &inv, &(mean * &inv)?.neg()?)?,
+        Some((g, b)) if g.rank() == 1 => {
+            let a = (g * &inv)?;
+            channel_affine(x, &a, &(b - (mean * &a)?)?)?
+        }
+        Some((g, b)) => {
+            // Per-sample gamma/beta (class-conditional): normalise, then scale rows.
+            let xn = channel_affine(x, &inv, &(mean * &inv)?.neg()?)?;
+            let mut shape = vec![1usize; x.rank()];
+            shape[0] = x.dim(0)?;
+            shape[1] = x.dim(1)?;
+            xn.broadcast_mul(&g.reshape(shape.clone())?)?
+                .broadcast_add(&b.reshape(shape)?)?
+        }
+    })
+}
