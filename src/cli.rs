@@ -343,7 +343,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
             let pre = preprocess(pre, &loaded)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
-            crate::compress::prepare_out_dir(&out, force)?;
+            // Resuming into the run's own folder is the normal case.
+            let same = opts.gdfq.resume.as_deref() == Some(out.as_path());
+            crate::compress::prepare_out_dir(&out, force || same)?;
             let quiet = json;
             let mut log = |m: &str| {
                 if !quiet {

@@ -17,6 +17,7 @@ use crate::onnx::{self, LoadedModel};
 use crate::quant::calibrate::{self, Method, Ranges};
 use crate::quant::placement::{self, PlanOptions};
 use crate::quant::{BitSpec, QParams, WeightScheme};
+use crate::train::gdfq::{self, Config as GdfqTrainConfig, Metrics, Preset};
 use crate::verify::compare::{self, Comparison, Inputs};
 use crate::verify::eval::input_geometry;
 
@@ -76,6 +77,71 @@ pub struct Options {
     /// Noise images for verification.
     #[arg(long, default_value_t = 256)]
     pub verify_images: usize,
+    #[command(flatten)]
+    pub gdfq: GdfqArgs,
+}
+
+/// Flags of `--method gdfq` (unset budget flags take the preset's values).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "GDFQ (--method gdfq)")]
+pub struct GdfqArgs {
+    /// Budget: `quick` (12 x 100 iterations, batch 64: about 30 min on 2 CPU cores for a CIFAR
+    /// ResNet-20) or `paper` (the reference: 400 x 200, batch 200).
+    #[arg(long, value_enum, default_value_t = Preset::Quick)]
+    pub preset: Preset,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub iters_per_epoch: Option<usize>,
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Epochs in which only the generator trains (the student observes activation ranges).
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    #[arg(long)]
+    pub student_lr: Option<f64>,
+    /// Write a resumable checkpoint every N iterations.
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    /// Continue the run whose output folder (with its checkpoint/) is DIR.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Write a PNG grid of generated images per class every N iterations.
+    #[arg(long, default_value_t = 200)]
+    pub grid_every: usize,
+    /// With --data: top-1 of the fake-quantized student on --eval-images images every N
+    /// iterations (the accuracy-vs-iterations curve in metrics.jsonl).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    #[arg(long, default_value_t = 1000)]
+    pub eval_images: usize,
+    /// Stop with an error after N iterations, as if the process had been killed (tests resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+}
+
+impl GdfqArgs {
+    pub fn config(&self, seed: u64) -> GdfqTrainConfig {
+        let mut c = GdfqTrainConfig::preset(self.preset, seed);
+        c.epochs = self.epochs.unwrap_or(c.epochs);
+        c.iters_per_epoch = self.iters_per_epoch.unwrap_or(c.iters_per_epoch);
+        c.batch = self.batch.unwrap_or(c.batch);
+        c.warmup_epochs = self.warmup_epochs.unwrap_or(c.warmup_epochs);
+        c.student_lr = self.student_lr.unwrap_or(c.student_lr);
+        c
+    }
+}
+
+/// What the GDFQ stage did (in report.json).
+#[derive(Debug, Clone, Serialize)]
+pub struct GdfqReport {
+    pub config: GdfqTrainConfig,
+    pub generator_params: usize,
+    pub train_seconds: f64,
+    pub resumed_from_iter: Option<usize>,
+    /// (iteration, top-1 %) of the fake-quantized student on the measuring data.
+    pub eval_curve: Vec<(usize, f64)>,
+    pub final_losses: Option<Metrics>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +175,8 @@ pub struct Report {
     pub layers: Vec<placement::Layer>,
     pub activations: Vec<PointReport>,
     pub calibration_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gdfq: Option<GdfqReport>,
     /// On seeded noise inputs.
     pub verification_noise: Comparison,
     /// On the labelled data given with --data.
@@ -153,7 +221,8 @@ pub fn compress(
 ) -> Result<Report> {
     let t0 = Instant::now();
     let (_, c, h, w) = input_geometry(teacher)?;
-    let (folded, bn_folded) = match opts.bn {
+    let mut gdfq_report = None;
+    let (mut folded, bn_folded) = match opts.bn {
         BnMode::Fold => export::fold_bn(&teacher.proto)?,
         BnMode::Keep => (teacher.proto.clone(), 0),
     };
@@ -261,6 +330,19 @@ pub fn compress(
                         "ZeroQ inputs ({} images, {} steps, BNS {loss:.4})",
                         opts.calib_images, opts.zeroq_iters
                     ),
+                )
+            }));
+            r
+        }
+        Method::Gdfq => {
+            let (r, values, rep) =
+                run_gdfq(teacher, &float_model, &plan, opts, out, data, (c, h), log)?;
+            folded = export::with_initializers(&folded, &values)?;
+            gdfq_report = Some(rep);
+            sources.extend(r.keys().map(|t| {
+                (
+                    t.clone(),
+                    "GDFQ generator images (EMA of batch min/max during warm-up)".to_string(),
                 )
             }));
             r
@@ -389,6 +471,7 @@ pub fn compress(
             .collect(),
         layers: plan.layers,
         calibration_seconds,
+        gdfq: gdfq_report,
         verification_noise,
         verification_data,
         wall_seconds: t0.elapsed().as_secs_f64(),
@@ -400,4 +483,130 @@ pub fn write_report(out: &Path, r: &Report) -> Result<PathBuf> {
     let p = out.join("report.json");
     crate::io::write_atomic(&p, serde_json::to_string_pretty(r)?.as_bytes())?;
     Ok(p)
+}
+
+/// Trains the GDFQ generator and fine-tunes the student; returns the activation ranges, the
+/// fine-tuned float parameters of `float_model` and what happened.
+#[allow(clippy::too_many_arguments)]
+fn run_gdfq(
+    teacher: &LoadedModel,
+    float_model: &LoadedModel,
+    plan: &placement::Plan,
+    opts: &Options,
+    out: &Path,
+    data: Option<(&Dataset, &Preprocess)>,
+    (channels, size): (usize, usize),
+    log: &mut dyn FnMut(&str),
+) -> Result<(
+    Ranges,
+    std::collections::HashMap<String, Vec<f32>>,
+    GdfqReport,
+)> {
+    let cfg = opts.gdfq.config(opts.seed);
+    let tp = lower(teacher, &Device::Cpu, DType::F32)?;
+    let classes = match crate::onnx::inspect::inspect(teacher).classes {
+        Some(c) => c,
+        // The output shape is not declared: ask the graph.
+        None => tp
+            .forward(&calibrate::noise(
+                &[2, channels, size, size],
+                0,
+                &Device::Cpu,
+            )?)?
+            .dim(1)?,
+    };
+    let mut sp = crate::lower::lower_with(float_model, &Device::Cpu, DType::F32, true)?;
+    log(&format!(
+        "gdfq: {} epochs x {} iterations, batch {}, warm-up {} epochs, student lr {}, {} student tensors trainable",
+        cfg.epochs,
+        cfg.iters_per_epoch,
+        cfg.batch,
+        cfg.warmup_epochs,
+        cfg.student_lr,
+        sp.vars().len()
+    ));
+    let eval_fn = |p: &crate::lower::Program| -> Result<f64> {
+        let (d, pre) = data.expect("eval only with data");
+        let n = d.len().min(opts.gdfq.eval_images);
+        let mut correct = 0usize;
+        for start in (0..n).step_by(200) {
+            let end = (start + 200).min(n);
+            let x = candle_core::Tensor::from_vec(
+                pre.batch(d, start..end),
+                (end - start, channels, size, size),
+                &Device::Cpu,
+            )?;
+            let pred: Vec<u32> = p.forward(&x)?.argmax(1)?.to_vec1()?;
+            correct += pred
+                .iter()
+                .zip(&d.labels[start..end])
+                .filter(|(a, b)| **a as usize == **b)
+                .count();
+        }
+        Ok(100.0 * correct as f64 / n.max(1) as f64)
+    };
+    let eval_ref: &gdfq::EvalFn = &eval_fn;
+    let io = gdfq::Io {
+        out,
+        resume: opts.gdfq.resume.as_deref(),
+        checkpoint_every: opts.gdfq.checkpoint_every,
+        grid_every: opts.gdfq.grid_every,
+        denorm: data.map(|(_, p)| (p.mean.to_vec(), p.std.to_vec())),
+        stop_after: opts.gdfq.stop_after,
+        eval: match (data, opts.gdfq.eval_every) {
+            (Some(_), Some(every)) => Some((every, eval_ref)),
+            _ => None,
+        },
+    };
+    let total = cfg.total_iters();
+    let pb = crate::verify::eval::progress(total, "gdfq");
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} it, eta {eta}")
+            .expect("valid template"),
+    );
+    let outcome = gdfq::train(
+        &tp,
+        &mut sp,
+        plan,
+        opts.weight_scheme,
+        classes,
+        (channels, size),
+        cfg.clone(),
+        &io,
+        &mut |m, _| {
+            pb.set_position(m.iter as u64 + 1);
+            let student = match (m.student_kd, m.student_ce) {
+                (Some(kd), Some(ce)) => format!(" student KD {kd:.3} CE {ce:.3}"),
+                _ => " (warm-up)".into(),
+            };
+            let eval = m
+                .eval_top1
+                .map_or(String::new(), |a| format!(" top-1 {a:.2}"));
+            pb.set_message(format!(
+                "gdfq ep {} G: CE {:.3} BNS {:.3}{student}{eval}",
+                m.epoch, m.generator_ce, m.bns
+            ));
+        },
+    )?;
+    pb.finish_and_clear();
+    log(&format!(
+        "gdfq: trained in {:.0} s{}",
+        outcome.train_seconds,
+        outcome
+            .resumed_from
+            .map_or(String::new(), |i| format!(" (resumed at iteration {i})"))
+    ));
+    let report = GdfqReport {
+        config: cfg,
+        generator_params: outcome.generator_params,
+        train_seconds: outcome.train_seconds,
+        resumed_from_iter: outcome.resumed_from,
+        eval_curve: outcome
+            .history
+            .iter()
+            .filter_map(|m| m.eval_top1.map(|a| (m.iter + 1, a)))
+            .collect(),
+        final_losses: outcome.history.last().cloned(),
+    };
+    Ok((outcome.ranges, outcome.values, report))
 }

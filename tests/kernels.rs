@@ -403,15 +403,19 @@ fn upsampling_matches_candle_and_finite_differences() {
         assert_close(&ours, &candle, 1e-12, &format!("{mode:?} x{factor}"));
         // The input also feeds another op: its gradient must accumulate (candle's nearest
         // backward overwrites it).
-        check_gradients(&format!("{mode:?} x{factor}"), std::slice::from_ref(&x), &|t| {
-            let up = upsample2d(&t[0], factor, mode).unwrap();
-            (up.sum_keepdim(3)
+        check_gradients(
+            &format!("{mode:?} x{factor}"),
+            std::slice::from_ref(&x),
+            &|t| {
+                let up = upsample2d(&t[0], factor, mode).unwrap();
+                (up.sum_keepdim(3)
+                    .unwrap()
+                    .sum_keepdim(2)
+                    .unwrap()
+                    .broadcast_add(&t[0]))
                 .unwrap()
-                .sum_keepdim(2)
-                .unwrap()
-                .broadcast_add(&t[0]))
-            .unwrap()
-        });
+            },
+        );
     }
 }
 

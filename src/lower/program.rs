@@ -45,6 +45,9 @@ pub struct Program {
     ctx: RunCtx,
     slot_of: HashMap<String, usize>,
     vars: Vec<(String, Var)>,
+    /// Per-slot rewrites applied where a value is produced (fake quantization of weights and
+    /// activations while fine-tuning a student).
+    transforms: HashMap<usize, Transform>,
 }
 
 /// What one forward pass returns.
@@ -56,6 +59,9 @@ pub struct Forward {
     /// Input of the final classifier layer, when found.
     pub penultimate: Option<Tensor>,
 }
+
+/// A rewrite of one tensor of the program (see [`Program::set_transform`]).
+pub type Transform = std::sync::Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// Lowers `model` onto `device` computing in `dtype` (F32 normally, F64 for gradient checks).
 pub fn lower(model: &LoadedModel, device: &Device, dtype: DType) -> Result<Program> {
@@ -242,6 +248,7 @@ fn lower_inner(
         ctx,
         slot_of,
         vars,
+        transforms: HashMap::new(),
     })
 }
 
@@ -346,6 +353,28 @@ impl Program {
         &self.bn_taps
     }
 
+    /// Rewrites the tensor `name` (an initializer or a node output) with `f` wherever the
+    /// forward pass produces it.
+    pub fn set_transform(&mut self, name: &str, f: Transform) -> Result<()> {
+        let slot = *self
+            .slot_of
+            .get(name)
+            .ok_or_else(|| anyhow!("the graph has no tensor '{name}'"))?;
+        self.transforms.insert(slot, f);
+        Ok(())
+    }
+
+    pub fn clear_transforms(&mut self) {
+        self.transforms.clear();
+    }
+
+    fn produce(&self, slot: usize, v: Value) -> Result<Value> {
+        match self.transforms.get(&slot) {
+            Some(f) => Ok(Value::F(f(&v.float(&self.ctx)?)?)),
+            None => Ok(v),
+        }
+    }
+
     /// Logits only (frees intermediate tensors as it goes).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.run(x, false, &[])?.0.logits)
@@ -374,14 +403,14 @@ impl Program {
     fn run(&self, x: &Tensor, taps: bool, keep: &[usize]) -> Result<(Forward, Vec<Tensor>)> {
         let mut vals: Vec<Option<Value>> = vec![None; self.slots];
         for (s, v) in &self.constants {
-            vals[*s] = Some(v.clone());
+            vals[*s] = Some(self.produce(*s, v.clone())?);
         }
         let x = if x.dtype() == self.ctx.dtype {
             x.clone()
         } else {
             x.to_dtype(self.ctx.dtype)?
         };
-        vals[self.input_slot] = Some(Value::F(x));
+        vals[self.input_slot] = Some(self.produce(self.input_slot, Value::F(x))?);
         for step in &self.steps {
             let outs = {
                 let ins: Vec<Option<&Value>> = step
@@ -395,7 +424,7 @@ impl Program {
             };
             for (slot, v) in step.outputs.iter().zip(outs) {
                 if let Some(s) = slot {
-                    vals[*s] = Some(v);
+                    vals[*s] = Some(self.produce(*s, v)?);
                 }
             }
             if !taps {

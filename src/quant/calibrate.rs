@@ -27,6 +27,9 @@ pub enum Method {
     PtqNoise,
     /// Ranges observed on ZeroQ-style distilled inputs (BN statistics matched by optimisation).
     Zeroq,
+    /// GDFQ: a class-conditional generator trained on the teacher's BN statistics; ranges from
+    /// its images, and the student fine-tuned on them by distillation.
+    Gdfq,
 }
 
 /// Float range per tensor.

@@ -4,6 +4,7 @@
 //! nodes, so our simulation (the lowering) and ONNX Runtime run the same graph.
 
 pub mod calibrate;
+pub mod fake;
 pub mod placement;
 
 use anyhow::{Result, bail, ensure};

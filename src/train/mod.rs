@@ -2,5 +2,6 @@
 //! optimisers, and training loops.
 
 pub mod classifier;
+pub mod gdfq;
 pub mod losses;
 pub mod optim;

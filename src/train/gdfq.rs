@@ -1,0 +1,570 @@
+//! GDFQ (Xu et al. 2020): a class-conditional generator learns images whose teacher BN
+//! statistics and predictions match (CE + 0.1 BNS); after a warm-up in which the student only
+//! observes activation ranges (EMA of batch min/max, then frozen), the fake-quantized student is
+//! fine-tuned by distillation (KL at temperature T, times T^2, + CE with the sampled labels).
+//!
+//! Checkpoints (generator, student, optimiser moments, RNG position, ranges) are written as a
+//! folder swap, so a kill at any moment leaves a complete one; resuming continues bit-for-bit
+//! on the CPU. Metrics go to a JSONL log, sample grids to PNGs.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{D, DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use super::losses::bns;
+use super::optim::{Adam, Sgd, State};
+use crate::generator::{GdfqConfig, GdfqGenerator};
+use crate::lower::Program;
+use crate::quant::fake::{fake_quant_activation, fake_quant_weight};
+use crate::quant::placement::Plan;
+use crate::quant::{QParams, WeightScheme};
+
+/// Budget presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The reference CIFAR schedule: 400 epochs x 200 iterations, batch 200, 4 warm-up epochs.
+    Paper,
+    /// About 30 minutes on 2 CPU cores for a CIFAR ResNet-20: 12 x 100 iterations, batch 64.
+    Quick,
+}
+
+/// Every hyper-parameter of a run (saved in checkpoints and the report).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub epochs: usize,
+    pub iters_per_epoch: usize,
+    pub batch: usize,
+    pub warmup_epochs: usize,
+    pub student_lr: f64,
+    pub student_momentum: f64,
+    pub student_weight_decay: f64,
+    /// Epochs at which the student's learning rate is multiplied by `lr_gamma`.
+    pub lr_milestones: Vec<usize>,
+    pub lr_gamma: f64,
+    pub generator_lr: f64,
+    pub generator_betas: (f64, f64),
+    pub bns_weight: f64,
+    pub temperature: f64,
+    /// EMA factor of the activation-range observation during warm-up.
+    pub range_ema: f64,
+    pub seed: u64,
+}
+
+impl Config {
+    pub fn preset(p: Preset, seed: u64) -> Self {
+        let paper = Config {
+            epochs: 400,
+            iters_per_epoch: 200,
+            batch: 200,
+            warmup_epochs: 4,
+            student_lr: 1e-4,
+            student_momentum: 0.9,
+            student_weight_decay: 1e-4,
+            lr_milestones: vec![100, 200, 300],
+            lr_gamma: 0.1,
+            generator_lr: 1e-3,
+            generator_betas: (0.5, 0.999),
+            bns_weight: 0.1,
+            temperature: 20.0,
+            range_ema: 0.9,
+            seed,
+        };
+        match p {
+            Preset::Paper => paper,
+            Preset::Quick => Config {
+                epochs: 12,
+                iters_per_epoch: 100,
+                batch: 64,
+                warmup_epochs: 2,
+                lr_milestones: vec![8],
+                ..paper
+            },
+        }
+    }
+
+    pub fn total_iters(&self) -> usize {
+        self.epochs * self.iters_per_epoch
+    }
+
+    fn student_lr_at(&self, epoch: usize) -> f64 {
+        let drops = self.lr_milestones.iter().filter(|&&m| epoch >= m).count();
+        self.student_lr * self.lr_gamma.powi(drops as i32)
+    }
+}
+
+/// One line of the metrics log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub iter: usize,
+    pub epoch: usize,
+    pub generator_ce: f64,
+    pub bns: f64,
+    pub student_kd: Option<f64>,
+    pub student_ce: Option<f64>,
+    pub student_lr: f64,
+    /// Top-1 of the fake-quantized student on the measuring data, when evaluated.
+    pub eval_top1: Option<f64>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Checkpoint {
+    config: Config,
+    /// Iterations completed.
+    iter: usize,
+    rng_word_pos: String,
+    /// Activation ranges (EMA while warming up, frozen after).
+    ranges: HashMap<String, (f32, f32)>,
+    elapsed_seconds: f64,
+}
+
+/// What the run hands back for export.
+pub struct Outcome {
+    pub ranges: HashMap<String, (f32, f32)>,
+    /// Fine-tuned float values of the student's parameters, by initializer name.
+    pub values: HashMap<String, Vec<f32>>,
+    pub history: Vec<Metrics>,
+    pub generator_params: usize,
+    pub train_seconds: f64,
+    pub resumed_from: Option<usize>,
+}
+
+/// Top-1 (%) of a student program on the measuring data.
+pub type EvalFn<'a> = dyn Fn(&Program) -> Result<f64> + 'a;
+
+/// Where the run reads and writes.
+pub struct Io<'a> {
+    pub out: &'a Path,
+    pub resume: Option<&'a Path>,
+    pub checkpoint_every: usize,
+    pub grid_every: usize,
+    /// De-normalisation of sample grids: (mean, std) per channel.
+    pub denorm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Fails after this many iterations (simulates a crash for resume tests).
+    pub stop_after: Option<usize>,
+    /// Evaluates the fake-quantized student (top-1 %) at the given interval.
+    pub eval: Option<(usize, &'a EvalFn<'a>)>,
+}
+
+const CKPT: &str = "checkpoint";
+
+fn ckpt_dir(dir: &Path) -> Option<PathBuf> {
+    [CKPT, "checkpoint.old"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.join("state.json").exists())
+}
+
+fn write_named(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let bytes = safetensors::serialize(tensors, None)?;
+    crate::io::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn read_named(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?)
+}
+
+/// The GDFQ distillation loss: KL(softmax(t/T) || softmax(s/T)) averaged over batch x classes
+/// (PyTorch's KLDivLoss default, as the reference uses it) times T^2.
+pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
+    let ls = candle_nn::ops::log_softmax(&(student / t)?, D::Minus1)?;
+    let lt = candle_nn::ops::log_softmax(&(teacher / t)?, D::Minus1)?;
+    let kl = (lt.exp()? * (lt - ls)?)?.mean_all()?;
+    Ok((kl * (t * t))?)
+}
+
+struct Run<'a> {
+    cfg: Config,
+    student: &'a mut Program,
+    plan: &'a Plan,
+    generator: GdfqGenerator,
+    gen_opt: Adam,
+    student_opt: Sgd,
+    rng: ChaCha8Rng,
+    ranges: HashMap<String, (f32, f32)>,
+    classes: usize,
+}
+
+impl Run<'_> {
+    fn sample(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
+        let latent = self.generator.cfg.latent;
+        let z: Vec<f32> = (0..n * latent)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect();
+        let y: Vec<u32> = (0..n)
+            .map(|_| self.rng.random_range(0..self.classes as u32))
+            .collect();
+        Ok((
+            Tensor::from_vec(z, (n, latent), &Device::Cpu)?,
+            Tensor::from_vec(y, n, &Device::Cpu)?,
+        ))
+    }
+
+    fn set_activation_quant(&mut self) -> Result<()> {
+        for p in &self.plan.points {
+            let (lo, hi) = self.ranges[&p.tensor];
+            let q = QParams::activation(lo, hi, p.bits);
+            self.student
+                .set_transform(&p.tensor, Arc::new(move |x| fake_quant_activation(x, q)))?;
+        }
+        Ok(())
+    }
+
+    fn observe(&mut self, images: &Tensor) -> Result<()> {
+        let names: Vec<String> = self.plan.points.iter().map(|p| p.tensor.clone()).collect();
+        let (_, kept) = self.student.forward_tensors(images, &names)?;
+        let beta = self.cfg.range_ema as f32;
+        for (name, t) in names.iter().zip(kept) {
+            let t = t.flatten_all()?;
+            let (lo, hi) = (t.min(0)?.to_scalar::<f32>()?, t.max(0)?.to_scalar::<f32>()?);
+            self.ranges
+                .entry(name.clone())
+                .and_modify(|r| {
+                    *r = (
+                        beta * r.0 + (1.0 - beta) * lo,
+                        beta * r.1 + (1.0 - beta) * hi,
+                    )
+                })
+                .or_insert((lo, hi));
+        }
+        Ok(())
+    }
+
+    fn save(&self, dir: &Path, iter: usize, elapsed: f64) -> Result<()> {
+        let tmp = dir.join("checkpoint.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        self.generator
+            .params
+            .save(&tmp.join("generator.safetensors"))?;
+        let student: Vec<(String, Tensor)> = self
+            .student
+            .vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        write_named(&tmp.join("student.safetensors"), student)?;
+        write_named(
+            &tmp.join("generator-adam.safetensors"),
+            self.gen_opt.state()?,
+        )?;
+        write_named(
+            &tmp.join("student-sgd.safetensors"),
+            self.student_opt.state()?,
+        )?;
+        let state = Checkpoint {
+            config: self.cfg.clone(),
+            iter,
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+            ranges: self.ranges.clone(),
+            elapsed_seconds: elapsed,
+        };
+        crate::io::write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(&state)?)?;
+        // Swap folders: at every moment either `checkpoint` or `checkpoint.old` is complete.
+        let (cur, old) = (dir.join(CKPT), dir.join("checkpoint.old"));
+        let _ = std::fs::remove_dir_all(&old);
+        if cur.exists() {
+            std::fs::rename(&cur, &old)?;
+        }
+        std::fs::rename(&tmp, &cur)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(usize, f64)> {
+        let state: Checkpoint = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
+            .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
+        ensure!(
+            state.config == self.cfg,
+            "{}: the checkpoint was made with different settings ({:?}); resume with the same flags",
+            dir.display(),
+            state.config
+        );
+        self.generator
+            .params
+            .load(&dir.join("generator.safetensors"))?;
+        let student = read_named(&dir.join("student.safetensors"))?;
+        for (name, var) in self.student.vars() {
+            let t = student
+                .get(name)
+                .with_context(|| format!("{}: student parameter {name} missing", dir.display()))?;
+            var.set(t)?;
+        }
+        self.gen_opt
+            .load_state(&read_named(&dir.join("generator-adam.safetensors"))?)?;
+        self.student_opt
+            .load_state(&read_named(&dir.join("student-sgd.safetensors"))?)?;
+        self.rng.set_word_pos(state.rng_word_pos.parse()?);
+        self.ranges = state.ranges;
+        Ok((state.iter, state.elapsed_seconds))
+    }
+}
+
+fn finite(v: f64, what: &str, iter: usize) -> Result<f64> {
+    if !v.is_finite() {
+        bail!(
+            "{what} became {v} at iteration {iter}: training diverged; the last good checkpoint is kept (resume with --resume and a lower learning rate)"
+        );
+    }
+    Ok(v)
+}
+
+/// Samples a grid: one row per class (up to 10 classes), 8 images each, from fixed latents.
+fn save_samples(
+    g: &GdfqGenerator,
+    path: &Path,
+    classes: usize,
+    denorm: &Option<(Vec<f32>, Vec<f32>)>,
+) -> Result<()> {
+    let (rows, cols) = (classes.min(10), 8);
+    let mut r = ChaCha8Rng::seed_from_u64(0x9d1d);
+    let n = rows * cols;
+    let z: Vec<f32> = (0..n * g.cfg.latent)
+        .map(|_| StandardNormal.sample(&mut r))
+        .collect();
+    let y: Vec<u32> = (0..n).map(|i| (i / cols) as u32).collect();
+    let x = g.forward(
+        &Tensor::from_vec(z, (n, g.cfg.latent), &Device::Cpu)?,
+        &Tensor::from_vec(y, n, &Device::Cpu)?,
+    )?;
+    let (c, h, w) = (g.cfg.channels, g.cfg.size, g.cfg.size);
+    let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let images: Vec<Vec<u8>> = v
+        .chunks(c * h * w)
+        .map(|img| {
+            let chan = |k: usize| &img[(k % c) * h * w..][..h * w];
+            let mut out = Vec::with_capacity(3 * h * w);
+            for k in 0..3 {
+                let p = chan(k);
+                let px: Vec<f32> = match denorm {
+                    Some((m, s)) => p
+                        .iter()
+                        .map(|v| (v * s[k % s.len()] + m[k % m.len()]) * 255.0)
+                        .collect(),
+                    None => {
+                        let (lo, hi) = img
+                            .iter()
+                            .fold((f32::MAX, f32::MIN), |a, &v| (a.0.min(v), a.1.max(v)));
+                        p.iter()
+                            .map(|v| (v - lo) / (hi - lo).max(1e-6) * 255.0)
+                            .collect()
+                    }
+                };
+                out.extend(px.iter().map(|v| v.clamp(0.0, 255.0).round() as u8));
+            }
+            out
+        })
+        .collect();
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    crate::report::save_grid(path, &refs, h, w, cols, 3)
+}
+
+/// Trains generator and student. `teacher` is the frozen teacher (BN taps needed), `student`
+/// the trainable float student graph that `plan` quantizes.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    teacher: &Program,
+    student: &mut Program,
+    plan: &Plan,
+    scheme: WeightScheme,
+    classes: usize,
+    (channels, size): (usize, usize),
+    cfg: Config,
+    io: &Io,
+    progress: &mut dyn FnMut(&Metrics, usize),
+) -> Result<Outcome> {
+    ensure!(
+        !teacher.bn_taps().is_empty(),
+        "GDFQ needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept"
+    );
+    ensure!(
+        cfg.batch >= 2,
+        "--batch must be at least 2 (batch statistics)"
+    );
+    // Weights are fake-quantized on every forward pass, from their current values.
+    for l in &plan.layers {
+        let (axis, bits) = (l.weight_axis, l.weight_bits);
+        student.set_transform(
+            &l.weight,
+            Arc::new(move |w| fake_quant_weight(w, axis, bits, scheme)),
+        )?;
+    }
+    let student_vars: Vec<candle_core::Var> =
+        student.vars().iter().map(|(_, v)| v.clone()).collect();
+    let generator = GdfqGenerator::new(
+        GdfqConfig::cifar(classes, channels, size),
+        &Device::Cpu,
+        cfg.seed,
+    )?;
+    let mut run = Run {
+        gen_opt: Adam::new(
+            generator.params.vars(),
+            cfg.generator_lr,
+            cfg.generator_betas,
+        ),
+        student_opt: Sgd::new(
+            student_vars,
+            cfg.student_lr,
+            cfg.student_momentum,
+            cfg.student_weight_decay,
+            true,
+        ),
+        generator,
+        rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
+        ranges: HashMap::new(),
+        cfg: cfg.clone(),
+        student,
+        plan,
+        classes,
+    };
+    let metrics_path = io.out.join("metrics.jsonl");
+    let (mut start, mut elapsed0, mut history, mut resumed_from) = (0, 0.0, Vec::new(), None);
+    if let Some(from) = io.resume {
+        let dir = ckpt_dir(from).with_context(|| {
+            format!(
+                "{}: no checkpoint to resume from (expected {}/checkpoint/state.json)",
+                from.display(),
+                from.display()
+            )
+        })?;
+        (start, elapsed0) = run.load(&dir)?;
+        resumed_from = Some(start);
+        // Keep the metrics up to the checkpoint; later lines are about to be recomputed.
+        if let Ok(text) = std::fs::read_to_string(from.join("metrics.jsonl")) {
+            history = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
+                .filter(|m| m.iter < start)
+                .collect();
+        }
+    }
+    let mut log = Vec::new();
+    for m in &history {
+        writeln!(log, "{}", serde_json::to_string(m)?)?;
+    }
+    crate::io::write_atomic(&metrics_path, &log)?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)?;
+    let warmup = cfg.warmup_epochs * cfg.iters_per_epoch;
+    if start >= warmup {
+        run.set_activation_quant()?;
+    }
+    let t0 = Instant::now();
+    let teacher_taps = teacher.bn_taps().to_vec();
+    for iter in start..cfg.total_iters() {
+        let epoch = iter / cfg.iters_per_epoch;
+        let (z, y) = run.sample(cfg.batch)?;
+        let images = run.generator.forward(&z, &y)?;
+        let t = teacher.forward_taps(&images)?;
+        let ce = candle_nn::loss::cross_entropy(&t.logits, &y)?;
+        let b = bns(&t.bn_inputs, &teacher_taps)?;
+        let loss_g = (&ce + (&b * cfg.bns_weight)?)?;
+        let (ce_v, bns_v) = (
+            finite(
+                ce.to_scalar::<f32>()? as f64,
+                "the generator's CE loss",
+                iter,
+            )?,
+            finite(b.to_scalar::<f32>()? as f64, "the BNS loss", iter)?,
+        );
+        run.gen_opt.step(&loss_g.backward()?)?;
+        let images = images.detach();
+        let lr = cfg.student_lr_at(epoch);
+        let (mut kd_v, mut sce_v) = (None, None);
+        if iter < warmup {
+            run.observe(&images)?;
+            if iter + 1 == warmup {
+                run.set_activation_quant()?;
+            }
+        } else {
+            run.student_opt.lr = lr;
+            let s = run.student.forward(&images)?;
+            let kd = kd_loss(&s, &t.logits.detach(), cfg.temperature)?;
+            let sce = candle_nn::loss::cross_entropy(&s, &y)?;
+            let loss_s = (&kd + &sce)?;
+            kd_v = Some(finite(
+                kd.to_scalar::<f32>()? as f64,
+                "the distillation loss",
+                iter,
+            )?);
+            sce_v = Some(finite(
+                sce.to_scalar::<f32>()? as f64,
+                "the student's CE loss",
+                iter,
+            )?);
+            run.student_opt.step(&loss_s.backward()?)?;
+        }
+        let done = iter + 1;
+        let eval_top1 = match io.eval {
+            Some((every, f)) if every > 0 && (done % every == 0 || done == cfg.total_iters()) => {
+                if done < warmup {
+                    None
+                } else {
+                    Some(f(run.student)?)
+                }
+            }
+            _ => None,
+        };
+        let m = Metrics {
+            iter,
+            epoch,
+            generator_ce: ce_v,
+            bns: bns_v,
+            student_kd: kd_v,
+            student_ce: sce_v,
+            student_lr: lr,
+            eval_top1,
+            seconds: elapsed0 + t0.elapsed().as_secs_f64(),
+        };
+        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+        progress(&m, cfg.total_iters());
+        history.push(m);
+        if io.grid_every > 0 && (done % io.grid_every == 0 || done == cfg.total_iters()) {
+            let p = io.out.join(format!("samples-{done:06}.png"));
+            save_samples(&run.generator, &p, classes, &io.denorm)?;
+        }
+        if io.checkpoint_every > 0 && (done % io.checkpoint_every == 0 || done == cfg.total_iters())
+        {
+            run.save(io.out, done, elapsed0 + t0.elapsed().as_secs_f64())?;
+        }
+        if io.stop_after == Some(done) {
+            bail!("stopped after iteration {done} (--stop-after)");
+        }
+    }
+    let values = run
+        .student
+        .vars()
+        .iter()
+        .map(|(n, v)| {
+            Ok((
+                n.clone(),
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
+    let ranges = run.ranges.clone();
+    run.student.clear_transforms();
+    Ok(Outcome {
+        ranges,
+        values,
+        history,
+        generator_params: run.generator.params.count(),
+        train_seconds: elapsed0 + t0.elapsed().as_secs_f64(),
+        resumed_from,
+    })
+}

@@ -1,0 +1,215 @@
+//! GDFQ on the project's own quick-start teacher with a tiny budget: the run is deterministic
+//! for a seed, a crash after a checkpoint resumes to the same student bit for bit, a BN-folded
+//! teacher is refused with a clear message; the fake quantizers equal the export's arithmetic.
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{Device, Tensor, Var};
+use datafree::generator::{GdfqConfig, GdfqGenerator};
+use datafree::quant::fake::{dequantized_weight, fake_quant_activation, fake_quant_weight};
+use datafree::quant::{QParams, WeightScheme, quantize_weight};
+use datafree::train::gdfq::Metrics;
+
+fn datafree(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_datafree"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+const QUICKSTART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/onnx/quickstart.onnx");
+
+fn gdfq(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "compress",
+        QUICKSTART,
+        "--bits",
+        "w4a4",
+        "--method",
+        "gdfq",
+        "--epochs",
+        "3",
+        "--iters-per-epoch",
+        "4",
+        "--batch",
+        "8",
+        "--warmup-epochs",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--grid-every",
+        "6",
+        "--verify-images",
+        "16",
+        "--force",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--seed") {
+        args.extend(["--seed", "7"]);
+    }
+    datafree(&args)
+}
+
+fn student_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("student.onnx")).unwrap()
+}
+
+#[test]
+fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let run = gdfq(&a, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(gdfq(&b, &[]).status.success());
+    assert_eq!(
+        student_bytes(&a),
+        student_bytes(&b),
+        "same seed, same student"
+    );
+    assert!(a.join("samples-000006.png").exists() && a.join("samples-000012.png").exists());
+
+    // Crash after iteration 7 (last checkpoint: 6), then resume in place.
+    let c = tmp.path().join("c");
+    let crashed = gdfq(&c, &["--stop-after", "7"]);
+    assert!(!crashed.status.success());
+    assert!(!c.join("student.onnx").exists());
+    let resumed = gdfq(&c, &["--resume", c.to_str().unwrap()]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        student_bytes(&a),
+        student_bytes(&c),
+        "resumed run equals the uninterrupted one"
+    );
+    let iters: Vec<usize> = std::fs::read_to_string(c.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Metrics>(l).unwrap().iter)
+        .collect();
+    assert_eq!(
+        iters,
+        (0..12).collect::<Vec<_>>(),
+        "one metrics line per iteration"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["gdfq"]["resumed_from_iter"], 6);
+
+    // A different seed trains a different student.
+    let d = tmp.path().join("d");
+    assert!(gdfq(&d, &["--seed", "8"]).status.success());
+    assert_ne!(student_bytes(&a), student_bytes(&d));
+}
+
+#[test]
+fn a_bn_folded_teacher_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folded = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/onnx/quickstart.bn-folded.onnx"
+    );
+    let out = datafree(&[
+        "compress",
+        folded,
+        "--method",
+        "gdfq",
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BatchNormalization statistics") && err.contains("folded"),
+        "{err}"
+    );
+}
+
+#[test]
+fn fake_weight_quantization_is_the_exported_arithmetic_with_a_straight_through_gradient() {
+    let v: Vec<f32> = (0..4 * 2 * 3 * 3)
+        .map(|i| ((i * 37 % 19) as f32 - 9.0) / 7.0)
+        .collect();
+    let w = Var::from_vec(v.clone(), (4, 2, 3, 3), &Device::Cpu).unwrap();
+    let fq = fake_quant_weight(w.as_tensor(), 0, 4, WeightScheme::Symmetric).unwrap();
+    let q = quantize_weight(&v, 4, 4, WeightScheme::Symmetric);
+    let want: Vec<f32> = q
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| x as f32 * q.scales[i / 18])
+        .collect();
+    assert_eq!(fq.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    let g = fq.sum_all().unwrap().backward().unwrap();
+    let gw: Vec<f32> = g.get(&w).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(gw.iter().all(|&x| x == 1.0));
+    // A 2-D weight quantized per column (Gemm with output channels on axis 1).
+    let m: Vec<f32> = vec![0.5, -2.0, 1.0, 0.25, 3.0, -0.75];
+    let d = dequantized_weight(&m, &[3, 2], 1, 4, WeightScheme::Symmetric);
+    let col0 = [0.5f32, 1.0, 3.0];
+    let s0 = 3.0f32 / 7.0;
+    for (k, &x) in col0.iter().enumerate() {
+        assert_eq!(d[k * 2], (x / s0).round_ties_even().clamp(-7.0, 7.0) * s0);
+    }
+}
+
+#[test]
+fn fake_activation_quantization_rounds_half_to_even_and_saturates() {
+    let q = QParams::activation(0.0, 15.0, 4);
+    let x = Var::from_vec(vec![0.5f32, 1.5, 2.5, -3.0, 14.5, 40.0], 6, &Device::Cpu).unwrap();
+    let y = fake_quant_activation(x.as_tensor(), q).unwrap();
+    assert_eq!(
+        y.to_vec1::<f32>().unwrap(),
+        vec![0.0, 2.0, 2.0, 0.0, 14.0, 15.0]
+    );
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(&x).unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 6]);
+}
+
+#[test]
+fn the_generator_emits_normalised_images_and_is_seeded() {
+    let g = GdfqGenerator::new(GdfqConfig::cifar(10, 3, 32), &Device::Cpu, 1).unwrap();
+    let z = Tensor::randn(0f32, 1.0, (16, 100), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec((0..16u32).map(|i| i % 10).collect(), 16, &Device::Cpu).unwrap();
+    let x = g.forward(&z, &y).unwrap();
+    assert_eq!(x.dims(), &[16, 3, 32, 32]);
+    // The last layer is BN without affine: per-channel batch mean 0 and variance 1 (slightly
+    // less: var / (var + eps) with the small variance of tanh outputs).
+    let (m, v) = datafree::kernels::channel_moments(&x).unwrap();
+    for (m, v) in m
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .zip(v.to_vec1::<f32>().unwrap())
+    {
+        assert!(m.abs() < 1e-4 && (v - 1.0).abs() < 1e-2, "mean {m} var {v}");
+    }
+    let grads = x.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let missing = g
+        .params
+        .vars()
+        .iter()
+        .filter(|v| grads.get(v).is_none())
+        .count();
+    assert_eq!(missing, 0, "every generator parameter gets a gradient");
+    let again = GdfqGenerator::new(GdfqConfig::cifar(10, 3, 32), &Device::Cpu, 1).unwrap();
+    assert_eq!(
+        again
+            .forward(&z, &y)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}
