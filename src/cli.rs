@@ -107,6 +107,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a pipeline file (pipelines/*.toml): every hyper-parameter of a recipe in one file,
+    /// run as the `compress` command line it stands for.
+    #[command(
+        after_help = "Example: datafree run pipelines/gdfq-cifar.toml --teacher T.onnx --set compress.bits=w6a6 -- --data test_batch.bin"
+    )]
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Teacher model (overrides the file's `teacher`).
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+        /// Output folder [default: out/<pipeline name>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override a value of the file: KEY=VALUE, e.g. compress.epochs=20 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print the compress command line and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// More `compress` flags after `--` (--data, --force, --resume, ...).
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
     /// CI gate for a quantized ONNX model (any tool's) against its reference: exit 0 when the
     /// thresholds hold, 1 when not, 2 on bad input; JSON and JUnit XML reports.
     Verify {
@@ -233,6 +257,42 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run {
+            pipeline,
+            teacher,
+            out,
+            set,
+            dry_run,
+            extra,
+        } => {
+            let p = crate::pipeline::load(&pipeline, &set)?;
+            let teacher = teacher.or(p.teacher.clone()).with_context(|| {
+                format!(
+                    "{}: no teacher in the file; pass --teacher",
+                    pipeline.display()
+                )
+            })?;
+            let out = out.unwrap_or_else(|| PathBuf::from("out").join(&p.name));
+            let mut args = p.compress_args(&teacher, &out)?;
+            args.extend(extra);
+            eprintln!("pipeline {}: datafree {}", p.name, args.join(" "));
+            if dry_run {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let cli = Cli::try_parse_from(std::iter::once("datafree".to_string()).chain(args))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: {}",
+                        pipeline.display(),
+                        e.to_string()
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .trim_start_matches("error: ")
+                    )
+                })?;
+            run(cli)
+        }
         Command::Inspect { model, json } => {
             let loaded = onnx::load_model(&model)?;
             let report = onnx::inspect::inspect(&loaded);

@@ -17,7 +17,7 @@ use crate::onnx::{self, LoadedModel};
 use crate::quant::calibrate::{self, Method, Ranges};
 use crate::quant::placement::{self, PlanOptions};
 use crate::quant::{BitSpec, QParams, WeightScheme};
-use crate::train::gdfq::{self, Config as GdfqTrainConfig, Metrics, Preset};
+use crate::train::gdfq::{self, Config as GdfqTrainConfig, GeneratorFamily, Metrics, Preset};
 use crate::verify::compare::{self, Comparison, Inputs};
 use crate::verify::eval::input_geometry;
 
@@ -100,6 +100,31 @@ pub struct GdfqArgs {
     pub warmup_epochs: Option<usize>,
     #[arg(long)]
     pub student_lr: Option<f64>,
+    #[arg(long)]
+    pub student_momentum: Option<f64>,
+    #[arg(long)]
+    pub student_weight_decay: Option<f64>,
+    /// Epochs at which the student's learning rate is multiplied by --lr-gamma, e.g. 100,200,300.
+    #[arg(long, value_delimiter = ',')]
+    pub lr_milestones: Option<Vec<usize>>,
+    #[arg(long)]
+    pub lr_gamma: Option<f64>,
+    #[arg(long, value_enum)]
+    pub generator: Option<GeneratorFamily>,
+    #[arg(long)]
+    pub generator_lr: Option<f64>,
+    /// Adam betas of the generator, "b1,b2".
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub generator_betas: Option<Vec<f64>>,
+    /// Weight of the BNS loss in the generator's objective.
+    #[arg(long)]
+    pub bns_weight: Option<f64>,
+    /// Distillation temperature.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// EMA factor of the activation ranges observed during warm-up.
+    #[arg(long)]
+    pub range_ema: Option<f64>,
     /// Write a resumable checkpoint every N iterations.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
@@ -121,14 +146,42 @@ pub struct GdfqArgs {
 }
 
 impl GdfqArgs {
-    pub fn config(&self, seed: u64) -> GdfqTrainConfig {
+    pub fn config(&self, seed: u64) -> Result<GdfqTrainConfig> {
         let mut c = GdfqTrainConfig::preset(self.preset, seed);
-        c.epochs = self.epochs.unwrap_or(c.epochs);
-        c.iters_per_epoch = self.iters_per_epoch.unwrap_or(c.iters_per_epoch);
-        c.batch = self.batch.unwrap_or(c.batch);
-        c.warmup_epochs = self.warmup_epochs.unwrap_or(c.warmup_epochs);
-        c.student_lr = self.student_lr.unwrap_or(c.student_lr);
-        c
+        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *dst = v.clone();
+            }
+        }
+        set(&mut c.epochs, &self.epochs);
+        set(&mut c.iters_per_epoch, &self.iters_per_epoch);
+        set(&mut c.batch, &self.batch);
+        set(&mut c.warmup_epochs, &self.warmup_epochs);
+        set(&mut c.student_lr, &self.student_lr);
+        set(&mut c.student_momentum, &self.student_momentum);
+        set(&mut c.student_weight_decay, &self.student_weight_decay);
+        set(&mut c.lr_milestones, &self.lr_milestones);
+        set(&mut c.lr_gamma, &self.lr_gamma);
+        set(&mut c.generator, &self.generator);
+        set(&mut c.generator_lr, &self.generator_lr);
+        set(&mut c.bns_weight, &self.bns_weight);
+        set(&mut c.temperature, &self.temperature);
+        set(&mut c.range_ema, &self.range_ema);
+        if let Some(b) = &self.generator_betas {
+            ensure!(
+                b.len() == 2,
+                "--generator-betas takes two values, got {b:?}"
+            );
+            c.generator_betas = (b[0], b[1]);
+        }
+        ensure!(
+            c.epochs > 0 && c.iters_per_epoch > 0 && c.warmup_epochs < c.epochs,
+            "GDFQ needs epochs > warm-up epochs and iterations per epoch > 0 (got {} epochs, {} warm-up, {} iterations)",
+            c.epochs,
+            c.warmup_epochs,
+            c.iters_per_epoch
+        );
+        Ok(c)
     }
 }
 
@@ -502,7 +555,7 @@ fn run_gdfq(
     std::collections::HashMap<String, Vec<f32>>,
     GdfqReport,
 )> {
-    let cfg = opts.gdfq.config(opts.seed);
+    let cfg = opts.gdfq.config(opts.seed)?;
     let tp = lower(teacher, &Device::Cpu, DType::F32)?;
     let classes = match crate::onnx::inspect::inspect(teacher).classes {
         Some(c) => c,

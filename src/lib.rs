@@ -14,6 +14,7 @@ pub mod io;
 pub mod kernels;
 pub mod lower;
 pub mod onnx;
+pub mod pipeline;
 pub mod quant;
 pub mod report;
 pub mod train;

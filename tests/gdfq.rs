@@ -112,6 +112,81 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
 }
 
 #[test]
+fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/gdfq-cifar.toml");
+    let via_file = tmp.path().join("file");
+    let sets = [
+        "compress.epochs=2",
+        "compress.iters_per_epoch=3",
+        "compress.batch=8",
+        "compress.warmup_epochs=1",
+        "compress.seed=3",
+        "compress.grid_every=0",
+    ];
+    let mut args = vec![
+        "run",
+        pipeline,
+        "--teacher",
+        QUICKSTART,
+        "--out",
+        via_file.to_str().unwrap(),
+    ];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    args.extend(["--", "--verify-images", "16"]);
+    let out = datafree(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The reference settings of the file, given as flags.
+    let via_flags = tmp.path().join("flags");
+    let out = datafree(&[
+        "compress",
+        QUICKSTART,
+        "--out",
+        via_flags.to_str().unwrap(),
+        "--method",
+        "gdfq",
+        "--bits",
+        "w4a4",
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "3",
+        "--batch",
+        "8",
+        "--warmup-epochs",
+        "1",
+        "--seed",
+        "3",
+        "--grid-every",
+        "0",
+        "--verify-images",
+        "16",
+        "--student-lr",
+        "1e-4",
+        "--lr-milestones",
+        "100,200,300",
+        "--generator-betas",
+        "0.5,0.999",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(student_bytes(&via_file), student_bytes(&via_flags));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(via_file.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["gdfq"]["config"]["temperature"], 20.0);
+    assert_eq!(report["gdfq"]["config"]["batch"], 8);
+}
+
+#[test]
 fn a_bn_folded_teacher_is_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let folded = concat!(

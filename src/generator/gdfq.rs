@@ -3,6 +3,10 @@
 //! LeakyReLU(0.2) -> up x2 -> conv3x3 -> BN -> LeakyReLU -> conv3x3 to the image channels ->
 //! tanh -> BN without affine. s = image size / 4.
 //!
+//! The ImageNet variant (`conditional_bn`) runs the same trunk on z alone and replaces every BN
+//! by class-conditional BN: BN without affine, then per-class gamma/beta rows (initialised to
+//! 1 and 0) picked by the label.
+//!
 //! Convs followed by batch-statistics BN carry no bias: it would be subtracted again by the BN,
 //! so the output is the reference's exactly, with fewer parameters.
 
@@ -23,6 +27,8 @@ pub struct GdfqConfig {
     /// BN epsilons of the two inner BNs: 0.8 in the reference (a positional-argument slip,
     /// kept for fidelity).
     pub inner_eps: f64,
+    /// Class-conditional BN everywhere instead of the label embedding (the ImageNet generator).
+    pub conditional_bn: bool,
 }
 
 impl GdfqConfig {
@@ -34,6 +40,15 @@ impl GdfqConfig {
             size,
             width: 128,
             inner_eps: 0.8,
+            conditional_bn: false,
+        }
+    }
+
+    /// The reference ImageNet generator: class-conditional BN, no label embedding.
+    pub fn imagenet(classes: usize, channels: usize, size: usize) -> Self {
+        GdfqConfig {
+            conditional_bn: true,
+            ..Self::cifar(classes, channels, size)
         }
     }
 }
@@ -41,7 +56,7 @@ impl GdfqConfig {
 pub struct GdfqGenerator {
     pub cfg: GdfqConfig,
     pub params: Params,
-    emb: Tensor,
+    emb: Option<Tensor>,
     l1: (Tensor, Tensor),
     bn0: (Tensor, Tensor),
     conv1: Tensor,
@@ -49,6 +64,8 @@ pub struct GdfqGenerator {
     conv2: Tensor,
     bn2: (Tensor, Tensor),
     conv3: (Tensor, Tensor),
+    /// Per-class gamma/beta of the last BN (conditional variant only).
+    bn_out: Option<(Tensor, Tensor)>,
 }
 
 impl GdfqGenerator {
@@ -63,7 +80,11 @@ impl GdfqGenerator {
         let mut p = Params::new(device);
         let (w, s) = (cfg.width, cfg.size / 4);
         let fan = |n: usize| 1.0 / (n as f64).sqrt();
-        let emb = p.normal("label_emb", &[cfg.classes, cfg.latent], 1.0, &mut r)?;
+        let emb = if cfg.conditional_bn {
+            None
+        } else {
+            Some(p.normal("label_emb", &[cfg.classes, cfg.latent], 1.0, &mut r)?)
+        };
         let l1 = (
             p.uniform(
                 "l1.weight",
@@ -73,10 +94,13 @@ impl GdfqGenerator {
             )?,
             p.uniform("l1.bias", &[w * s * s], fan(cfg.latent), &mut r)?,
         );
+        // Conditional BN keeps one gamma/beta row per class.
+        let rows = cfg.conditional_bn.then_some(cfg.classes);
         let bn = |p: &mut Params, name: &str, c: usize| -> Result<(Tensor, Tensor)> {
+            let shape: Vec<usize> = rows.into_iter().chain([c]).collect();
             Ok((
-                p.constant(&format!("{name}.weight"), &[c], 1.0)?,
-                p.constant(&format!("{name}.bias"), &[c], 0.0)?,
+                p.constant(&format!("{name}.weight"), &shape, 1.0)?,
+                p.constant(&format!("{name}.bias"), &shape, 0.0)?,
             ))
         };
         let bn0 = bn(&mut p, "bn0", w)?;
@@ -93,7 +117,13 @@ impl GdfqGenerator {
             )?,
             p.uniform("conv3.bias", &[cfg.channels], fan(w / 2 * 9), &mut r)?,
         );
+        let bn_out = if cfg.conditional_bn {
+            Some(bn(&mut p, "bn_out", cfg.channels)?)
+        } else {
+            None
+        };
         Ok(GdfqGenerator {
+            bn_out,
             cfg,
             params: p,
             emb,
@@ -112,23 +142,41 @@ impl GdfqGenerator {
         let n = z.dim(0)?;
         let (w, s) = (self.cfg.width, self.cfg.size / 4);
         let same = Conv2dSpec::uniform(1, 1, 1, 1);
-        let h = (z * self.emb.index_select(labels, 0)?)?;
+        let h = match &self.emb {
+            Some(e) => (z * e.index_select(labels, 0)?)?,
+            None => z.clone(),
+        };
+        // Conditional BN: the label's gamma/beta rows.
+        let pick = |(g, b): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
+            Ok(if self.cfg.conditional_bn {
+                (g.index_select(labels, 0)?, b.index_select(labels, 0)?)
+            } else {
+                (g.clone(), b.clone())
+            })
+        };
+        let (bn0, bn1, bn2) = (pick(&self.bn0)?, pick(&self.bn1)?, pick(&self.bn2)?);
         let h = h
             .matmul(&self.l1.0.t()?)?
             .broadcast_add(&self.l1.1)?
             .reshape((n, w, s, s))?;
-        let h = batch_norm(&h, Some((&self.bn0.0, &self.bn0.1)), 1e-5)?;
+        let h = batch_norm(&h, Some((&bn0.0, &bn0.1)), 1e-5)?;
         let h = upsample2d(&h, 2, UpMode::Nearest)?;
         let h = conv2d(&h, &self.conv1, same)?;
-        let h = batch_norm(&h, Some((&self.bn1.0, &self.bn1.1)), self.cfg.inner_eps)?;
+        let h = batch_norm(&h, Some((&bn1.0, &bn1.1)), self.cfg.inner_eps)?;
         let h = leaky_relu(&h, 0.2)?;
         let h = upsample2d(&h, 2, UpMode::Nearest)?;
         let h = conv2d(&h, &self.conv2, same)?;
-        let h = batch_norm(&h, Some((&self.bn2.0, &self.bn2.1)), self.cfg.inner_eps)?;
+        let h = batch_norm(&h, Some((&bn2.0, &bn2.1)), self.cfg.inner_eps)?;
         let h = leaky_relu(&h, 0.2)?;
         let h = conv2d(&h, &self.conv3.0, same)?;
         let ones = Tensor::ones(self.cfg.channels, h.dtype(), h.device())?;
         let h = crate::kernels::channel_affine(&h, &ones, &self.conv3.1)?.tanh()?;
-        batch_norm(&h, None, 1e-5)
+        match &self.bn_out {
+            Some(t) => {
+                let (g, b) = pick(t)?;
+                batch_norm(&h, Some((&g, &b)), 1e-5)
+            }
+            None => batch_norm(&h, None, 1e-5),
+        }
     }
 }

@@ -38,9 +38,20 @@ pub enum Preset {
     Quick,
 }
 
+/// Which generator the run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GeneratorFamily {
+    /// The GDFQ CIFAR generator (label embedding times z).
+    GdfqCifar,
+    /// The GDFQ ImageNet generator (class-conditional BN everywhere).
+    GdfqImagenet,
+}
+
 /// Every hyper-parameter of a run (saved in checkpoints and the report).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
+    pub generator: GeneratorFamily,
     pub epochs: usize,
     pub iters_per_epoch: usize,
     pub batch: usize,
@@ -63,6 +74,7 @@ pub struct Config {
 impl Config {
     pub fn preset(p: Preset, seed: u64) -> Self {
         let paper = Config {
+            generator: GeneratorFamily::GdfqCifar,
             epochs: 400,
             iters_per_epoch: 200,
             batch: 200,
