@@ -97,7 +97,7 @@ pub enum Command {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
-        opts: crate::compress::Options,
+        opts: Box<crate::compress::Options>,
         /// Labelled data to MEASURE the student on (never used to compress).
         #[arg(long)]
         data: Option<String>,
