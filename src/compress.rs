@@ -77,8 +77,23 @@ pub struct Options {
     /// Noise images for verification.
     #[arg(long, default_value_t = 256)]
     pub verify_images: usize,
+    /// Also run the data-free PTQ methods (ptq-bn, ptq-noise, zeroq) at the same bits and list
+    /// their numbers in the report for comparison.
+    #[arg(long)]
+    pub baselines: bool,
     #[command(flatten)]
     pub gdfq: GdfqArgs,
+}
+
+/// One PTQ baseline's result (with `--baselines`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    pub method: Method,
+    /// Student top-1 in ONNX Runtime on the measuring data (None without --data).
+    pub top1: Option<f64>,
+    /// Agreement with the teacher (on the data, else on noise).
+    pub agreement: f64,
+    pub seconds: f64,
 }
 
 /// Flags of `--method gdfq` (unset budget flags take the preset's values).
@@ -230,6 +245,8 @@ pub struct Report {
     pub calibration_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gdfq: Option<GdfqReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<Baseline>,
     /// On seeded noise inputs.
     pub verification_noise: Comparison,
     /// On the labelled data given with --data.
@@ -525,6 +542,7 @@ pub fn compress(
         layers: plan.layers,
         calibration_seconds,
         gdfq: gdfq_report,
+        baselines: run_baselines(teacher, opts, data, log)?,
         verification_noise,
         verification_data,
         wall_seconds: t0.elapsed().as_secs_f64(),
@@ -662,4 +680,46 @@ fn run_gdfq(
         final_losses: outcome.history.last().cloned(),
     };
     Ok((outcome.ranges, outcome.values, report))
+}
+
+/// The PTQ methods other than `opts.method`, at the same settings, each into a scratch folder.
+fn run_baselines(
+    teacher: &LoadedModel,
+    opts: &Options,
+    data: Option<(&Dataset, &Preprocess)>,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<Baseline>> {
+    if !opts.baselines {
+        return Ok(vec![]);
+    }
+    let mut out = Vec::new();
+    for m in [Method::PtqBn, Method::PtqNoise, Method::Zeroq] {
+        if m == opts.method {
+            continue;
+        }
+        let t = Instant::now();
+        let dir = tempfile::tempdir()?;
+        let mut o = opts.clone();
+        o.method = m;
+        o.baselines = false;
+        let r = compress(teacher, dir.path(), &o, data, &mut |_| {})
+            .with_context(|| format!("baseline {}", cli_name(&m)))?;
+        let v = r
+            .verification_data
+            .as_ref()
+            .unwrap_or(&r.verification_noise);
+        log(&format!(
+            "baseline {}: top-1 {} agreement {:.2}%",
+            cli_name(&m),
+            v.student_top1.map_or("-".into(), |x| format!("{x:.2}")),
+            100.0 * v.agreement
+        ));
+        out.push(Baseline {
+            method: m,
+            top1: v.student_top1,
+            agreement: v.agreement,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(out)
 }

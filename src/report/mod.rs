@@ -250,6 +250,38 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
     }
     comparison_lines(&mut o, &r.verification_noise);
     fusion_speed_lines(&mut o, &r.verification_noise);
+    if let Some(g) = &r.gdfq {
+        let c = &g.config;
+        let _ = writeln!(
+            o,
+            "  gdfq: {} x {} iterations, batch {}, warm-up {} epochs, {:.0} s{}; generator {} parameters",
+            c.epochs,
+            c.iters_per_epoch,
+            c.batch,
+            c.warmup_epochs,
+            g.train_seconds,
+            g.resumed_from_iter
+                .map_or(String::new(), |i| format!(" (resumed at {i})")),
+            g.generator_params
+        );
+        if !g.eval_curve.is_empty() {
+            let curve: Vec<String> = g
+                .eval_curve
+                .iter()
+                .map(|(i, a)| format!("{i}: {a:.2}"))
+                .collect();
+            let _ = writeln!(o, "  simulated top-1 by iteration: {}", curve.join(", "));
+        }
+    }
+    for b in &r.baselines {
+        let _ = writeln!(
+            o,
+            "  baseline {:<10} top-1 {}, agreement {:.2}%",
+            crate::compress::cli_name(&b.method),
+            b.top1.map_or("-".into(), |x| format!("{x:.2}")),
+            100.0 * b.agreement
+        );
+    }
     for n in &r.notes {
         let _ = writeln!(o, "  note: {n}");
     }

@@ -442,6 +442,7 @@ pub fn train(
     };
     let metrics_path = io.out.join("metrics.jsonl");
     let (mut start, mut elapsed0, mut history, mut resumed_from) = (0, 0.0, Vec::new(), None);
+    let mut log = Vec::new();
     if let Some(from) = io.resume {
         let dir = ckpt_dir(from).with_context(|| {
             format!(
@@ -452,18 +453,18 @@ pub fn train(
         })?;
         (start, elapsed0) = run.load(&dir)?;
         resumed_from = Some(start);
-        // Keep the metrics up to the checkpoint; later lines are about to be recomputed.
+        // Keep the metrics up to the checkpoint (the lines as written: re-printing parsed
+        // floats could change last digits); later lines are about to be recomputed.
         if let Ok(text) = std::fs::read_to_string(from.join("metrics.jsonl")) {
-            history = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
-                .filter(|m| m.iter < start)
-                .collect();
+            for line in text.lines() {
+                if let Ok(m) = serde_json::from_str::<Metrics>(line)
+                    && m.iter < start
+                {
+                    writeln!(log, "{line}")?;
+                    history.push(m);
+                }
+            }
         }
-    }
-    let mut log = Vec::new();
-    for m in &history {
-        writeln!(log, "{}", serde_json::to_string(m)?)?;
     }
     crate::io::write_atomic(&metrics_path, &log)?;
     let mut metrics_file = std::fs::OpenOptions::new()
