@@ -17,7 +17,9 @@ use crate::onnx::{self, LoadedModel};
 use crate::quant::calibrate::{self, Method, Ranges};
 use crate::quant::placement::{self, PlanOptions};
 use crate::quant::{BitSpec, QParams, WeightScheme};
-use crate::train::gdfq::{self, Config as GdfqTrainConfig, GeneratorFamily, Metrics, Preset};
+use crate::train::gdfq::{
+    self, Config as GdfqTrainConfig, GeneratorFamily, Metrics, Preset, RangeSource,
+};
 use crate::verify::compare::{self, Comparison, Inputs};
 use crate::verify::eval::input_geometry;
 
@@ -140,6 +142,10 @@ pub struct GdfqArgs {
     /// EMA factor of the activation ranges observed during warm-up.
     #[arg(long)]
     pub range_ema: Option<f64>,
+    /// Activation ranges: `ema` of generated batches during warm-up (the reference) or `bn`
+    /// (the ptq-bn ranges, EMA only where BN statistics do not reach).
+    #[arg(long, value_enum)]
+    pub range_source: Option<RangeSource>,
     /// Write a resumable checkpoint every N iterations.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
@@ -182,6 +188,7 @@ impl GdfqArgs {
         set(&mut c.bns_weight, &self.bns_weight);
         set(&mut c.temperature, &self.temperature);
         set(&mut c.range_ema, &self.range_ema);
+        set(&mut c.range_source, &self.range_source);
         if let Some(b) = &self.generator_betas {
             ensure!(
                 b.len() == 2,
@@ -321,23 +328,7 @@ pub fn compress(
     let mut sources = std::collections::HashMap::new();
     let ranges: Ranges = match opts.method {
         Method::PtqBn => {
-            let with_k: Vec<(String, f64)> = plan
-                .points
-                .iter()
-                .map(|p| {
-                    (
-                        p.tensor.clone(),
-                        opts.bn_k.unwrap_or_else(|| calibrate::default_bn_k(p.bits)),
-                    )
-                })
-                .collect();
-            let mut r =
-                calibrate::bn_ranges(&teacher.proto, &calibrate::bn_affine(teacher), c, &with_k);
-            for (t, k) in &with_k {
-                if r.contains_key(t) {
-                    sources.insert(t.clone(), format!("BN statistics, mean +- {k} std"));
-                }
-            }
+            let mut r = ptq_bn_ranges(teacher, &plan, opts, c, &mut sources);
             let missing: Vec<String> = tensors
                 .iter()
                 .filter(|t| !r.contains_key(*t))
@@ -405,16 +396,29 @@ pub fn compress(
             r
         }
         Method::Gdfq => {
-            let (r, values, rep) =
-                run_gdfq(teacher, &float_model, &plan, opts, out, data, (c, h), log)?;
+            let fixed = match opts.gdfq.config(opts.seed)?.range_source {
+                RangeSource::Bn => ptq_bn_ranges(teacher, &plan, opts, c, &mut sources),
+                RangeSource::Ema => Ranges::new(),
+            };
+            let (r, values, rep) = run_gdfq(
+                teacher,
+                &float_model,
+                &plan,
+                opts,
+                out,
+                data,
+                (c, h),
+                &fixed,
+                log,
+            )?;
             folded = export::with_initializers(&folded, &values)?;
             gdfq_report = Some(rep);
-            sources.extend(r.keys().map(|t| {
-                (
+            for t in r.keys().filter(|t| !fixed.contains_key(*t)) {
+                sources.insert(
                     t.clone(),
-                    "GDFQ generator images (EMA of batch min/max during warm-up)".to_string(),
-                )
-            }));
+                    "GDFQ generator images (EMA of batch min/max during warm-up)".into(),
+                );
+            }
             r
         }
     };
@@ -567,6 +571,7 @@ fn run_gdfq(
     out: &Path,
     data: Option<(&Dataset, &Preprocess)>,
     (channels, size): (usize, usize),
+    fixed: &Ranges,
     log: &mut dyn FnMut(&str),
 ) -> Result<(
     Ranges,
@@ -643,6 +648,7 @@ fn run_gdfq(
         classes,
         (channels, size),
         cfg.clone(),
+        fixed,
         &io,
         &mut |m, _| {
             pb.set_position(m.iter as u64 + 1);
@@ -722,4 +728,36 @@ fn run_baselines(
         });
     }
     Ok(out)
+}
+
+/// BN-analytic ranges (mean +- k std of the BN output) of the points BN statistics reach.
+fn ptq_bn_ranges(
+    teacher: &LoadedModel,
+    plan: &placement::Plan,
+    opts: &Options,
+    channels: usize,
+    sources: &mut std::collections::HashMap<String, String>,
+) -> Ranges {
+    let with_k: Vec<(String, f64)> = plan
+        .points
+        .iter()
+        .map(|p| {
+            (
+                p.tensor.clone(),
+                opts.bn_k.unwrap_or_else(|| calibrate::default_bn_k(p.bits)),
+            )
+        })
+        .collect();
+    let r = calibrate::bn_ranges(
+        &teacher.proto,
+        &calibrate::bn_affine(teacher),
+        channels,
+        &with_k,
+    );
+    for (t, k) in &with_k {
+        if r.contains_key(t) {
+            sources.insert(t.clone(), format!("BN statistics, mean +- {k} std"));
+        }
+    }
+    r
 }

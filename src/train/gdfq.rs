@@ -48,6 +48,16 @@ pub enum GeneratorFamily {
     GdfqImagenet,
 }
 
+/// Where the student's activation ranges come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RangeSource {
+    /// EMA of batch min/max on generated images during warm-up (the reference).
+    Ema,
+    /// BN-analytic ranges (as `ptq-bn`), EMA only where no BN statistics reach.
+    Bn,
+}
+
 /// Every hyper-parameter of a run (saved in checkpoints and the report).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
@@ -68,6 +78,7 @@ pub struct Config {
     pub temperature: f64,
     /// EMA factor of the activation-range observation during warm-up.
     pub range_ema: f64,
+    pub range_source: RangeSource,
     pub seed: u64,
 }
 
@@ -89,6 +100,7 @@ impl Config {
             bns_weight: 0.1,
             temperature: 20.0,
             range_ema: 0.9,
+            range_source: RangeSource::Ema,
             seed,
         };
         match p {
@@ -205,6 +217,8 @@ struct Run<'a> {
     student_opt: Sgd,
     rng: ChaCha8Rng,
     ranges: HashMap<String, (f32, f32)>,
+    /// Points whose ranges were given (not observed).
+    fixed: std::collections::HashSet<String>,
     classes: usize,
 }
 
@@ -234,7 +248,16 @@ impl Run<'_> {
     }
 
     fn observe(&mut self, images: &Tensor) -> Result<()> {
-        let names: Vec<String> = self.plan.points.iter().map(|p| p.tensor.clone()).collect();
+        let names: Vec<String> = self
+            .plan
+            .points
+            .iter()
+            .map(|p| p.tensor.clone())
+            .filter(|t| !self.fixed.contains(t))
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
         let (_, kept) = self.student.forward_tensors(images, &names)?;
         let beta = self.cfg.range_ema as f32;
         for (name, t) in names.iter().zip(kept) {
@@ -383,7 +406,8 @@ fn save_samples(
 }
 
 /// Trains generator and student. `teacher` is the frozen teacher (BN taps needed), `student`
-/// the trainable float student graph that `plan` quantizes.
+/// the trainable float student graph that `plan` quantizes; `fixed_ranges` are activation
+/// ranges given in advance (the others are observed during warm-up).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     teacher: &Program,
@@ -393,6 +417,7 @@ pub fn train(
     classes: usize,
     (channels, size): (usize, usize),
     cfg: Config,
+    fixed_ranges: &HashMap<String, (f32, f32)>,
     io: &Io,
     progress: &mut dyn FnMut(&Metrics, usize),
 ) -> Result<Outcome> {
@@ -434,7 +459,8 @@ pub fn train(
         ),
         generator,
         rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
-        ranges: HashMap::new(),
+        ranges: fixed_ranges.clone(),
+        fixed: fixed_ranges.keys().cloned().collect(),
         cfg: cfg.clone(),
         student,
         plan,
