@@ -406,13 +406,15 @@ fn save_samples(
 }
 
 /// Trains generator and student. `teacher` is the frozen teacher (BN taps needed), `student`
-/// the trainable float student graph that `plan` quantizes; `fixed_ranges` are activation
+/// the trainable float student graph that `plan` quantizes (`weight_names` maps the plan's
+/// weight names to the student's, when it trains another parametrization); `fixed_ranges` are activation
 /// ranges given in advance (the others are observed during warm-up).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     teacher: &Program,
     student: &mut Program,
     plan: &Plan,
+    weight_names: &HashMap<String, String>,
     scheme: WeightScheme,
     classes: usize,
     (channels, size): (usize, usize),
@@ -432,8 +434,9 @@ pub fn train(
     // Weights are fake-quantized on every forward pass, from their current values.
     for l in &plan.layers {
         let (axis, bits) = (l.weight_axis, l.weight_bits);
+        let name = weight_names.get(&l.weight).unwrap_or(&l.weight);
         student.set_transform(
-            &l.weight,
+            name,
             Arc::new(move |w| fake_quant_weight(w, axis, bits, scheme)),
         )?;
     }
