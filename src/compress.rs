@@ -573,11 +573,7 @@ fn run_gdfq(
     (channels, size): (usize, usize),
     fixed: &Ranges,
     log: &mut dyn FnMut(&str),
-) -> Result<(
-    Ranges,
-    crate::onnx::pb::ModelProto,
-    GdfqReport,
-)> {
+) -> Result<(Ranges, crate::onnx::pb::ModelProto, GdfqReport)> {
     let cfg = opts.gdfq.config(opts.seed)?;
     let tp = lower(teacher, &Device::Cpu, DType::F32)?;
     let classes = match crate::onnx::inspect::inspect(teacher).classes {
@@ -709,9 +705,7 @@ fn run_gdfq(
         final_losses: outcome.history.last().cloned(),
     };
     let trained = match unfolded {
-        Some(_) => {
-            export::fold_bn(&export::with_initializers(&teacher.proto, &outcome.values)?)?.0
-        }
+        Some(_) => export::fold_bn(&export::with_initializers(&teacher.proto, &outcome.values)?)?.0,
         None => export::with_initializers(&float_model.proto, &outcome.values)?,
     };
     Ok((outcome.ranges, trained, report))
@@ -816,7 +810,9 @@ fn teacher_weights(
                     .clone(),
                 None => l.weight.clone(),
             };
-            inits.contains(name.as_str()).then(|| (l.weight.clone(), name))
+            inits
+                .contains(name.as_str())
+                .then(|| (l.weight.clone(), name))
         })
         .collect()
 }

@@ -187,6 +187,23 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
 }
 
 #[test]
+fn a_diverging_run_stops_with_a_message_and_keeps_its_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("nan");
+    let run = gdfq(&out, &["--student-lr", "1e30"]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("diverged") && err.contains("checkpoint"),
+        "{err}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert!(state["iter"].as_u64().unwrap() >= 3, "{state}");
+    assert!(!out.join("student.onnx").exists());
+}
+
+#[test]
 fn a_bn_folded_teacher_is_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let folded = concat!(
