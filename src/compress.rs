@@ -136,6 +136,9 @@ pub struct GdfqArgs {
     /// Weight of the BNS loss in the generator's objective.
     #[arg(long)]
     pub bns_weight: Option<f64>,
+    /// Weight of the student's cross-entropy with the sampled labels (1 in the reference).
+    #[arg(long)]
+    pub student_ce_weight: Option<f64>,
     /// Distillation temperature.
     #[arg(long)]
     pub temperature: Option<f64>,
@@ -187,6 +190,7 @@ impl GdfqArgs {
         set(&mut c.generator_lr, &self.generator_lr);
         set(&mut c.bns_weight, &self.bns_weight);
         set(&mut c.temperature, &self.temperature);
+        set(&mut c.student_ce_weight, &self.student_ce_weight);
         set(&mut c.range_ema, &self.range_ema);
         set(&mut c.range_source, &self.range_source);
         if let Some(b) = &self.generator_betas {

@@ -75,6 +75,8 @@ pub struct Config {
     pub generator_lr: f64,
     pub generator_betas: (f64, f64),
     pub bns_weight: f64,
+    /// Weight of the student's CE with the sampled labels (1 in the reference).
+    pub student_ce_weight: f64,
     pub temperature: f64,
     /// EMA factor of the activation-range observation during warm-up.
     pub range_ema: f64,
@@ -98,6 +100,7 @@ impl Config {
             generator_lr: 1e-3,
             generator_betas: (0.5, 0.999),
             bns_weight: 0.1,
+            student_ce_weight: 1.0,
             temperature: 20.0,
             range_ema: 0.9,
             range_source: RangeSource::Ema,
@@ -535,7 +538,7 @@ pub fn train(
             let s = run.student.forward(&images)?;
             let kd = kd_loss(&s, &t.logits.detach(), cfg.temperature)?;
             let sce = candle_nn::loss::cross_entropy(&s, &y)?;
-            let loss_s = (&kd + &sce)?;
+            let loss_s = (&kd + (&sce * cfg.student_ce_weight)?)?;
             kd_v = Some(finite(
                 kd.to_scalar::<f32>()? as f64,
                 "the distillation loss",
