@@ -625,23 +625,26 @@ fn run_gdfq(
     ));
     let eval_fn = |p: &crate::lower::Program| -> Result<f64> {
         let (d, pre) = data.expect("eval only with data");
-        let n = d.len().min(opts.gdfq.eval_images);
+        let n = d.len().min(opts.gdfq.eval_images).max(1);
+        // Evenly spaced images: folders list one class after another, so the first N would
+        // cover only the first classes.
+        let picks: Vec<usize> = (0..n).map(|i| i * d.len() / n).collect();
         let mut correct = 0usize;
-        for start in (0..n).step_by(200) {
-            let end = (start + 200).min(n);
+        for chunk in picks.chunks(200) {
+            let px: Vec<f32> = chunk.iter().flat_map(|&i| pre.batch(d, i..i + 1)).collect();
             let x = candle_core::Tensor::from_vec(
-                pre.batch(d, start..end),
-                (end - start, channels, size, size),
+                px,
+                (chunk.len(), channels, size, size),
                 &Device::Cpu,
             )?;
             let pred: Vec<u32> = p.forward(&x)?.argmax(1)?.to_vec1()?;
             correct += pred
                 .iter()
-                .zip(&d.labels[start..end])
-                .filter(|(a, b)| **a as usize == **b)
+                .zip(chunk)
+                .filter(|(a, i)| **a as usize == d.labels[**i])
                 .count();
         }
-        Ok(100.0 * correct as f64 / n.max(1) as f64)
+        Ok(100.0 * correct as f64 / n as f64)
     };
     let eval_ref: &gdfq::EvalFn = &eval_fn;
     let io = gdfq::Io {
