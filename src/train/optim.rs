@@ -188,7 +188,7 @@ mod tests {
     fn matches_pytorch_adam_on_a_quadratic() {
         // torch.optim.Adam([w], lr=0.1, betas=(0.5, 0.999)) on f = w^2/2 from w = 1: every
         // bias-corrected step is lr * sign(g) while g keeps its sign: 1 -> 0.9 -> 0.8...
-        // (step 2: m = 0.5*1 + 0.5*0.9 = 0.95 / 0.75; v = 0.999e-3 + 0.81e-3 ...).
+        // (step 2 from the actual w1: m = 0.5*0.5 + 0.5*w1, v = 0.999e-3 + 1e-3*w1^2).
         let w = Var::new(&[1.0f64], &Device::Cpu).unwrap();
         let mut opt = Adam::new(vec![w.clone()], 0.1, (0.5, 0.999));
         let mut seen = vec![];
@@ -201,8 +201,9 @@ mod tests {
             seen.push(w.as_tensor().to_vec1::<f64>().unwrap()[0]);
         }
         assert!((seen[0] - 0.9).abs() < 1e-7, "{seen:?}");
-        let (m, v) = (0.5 * 0.5 + 0.5 * 0.9, 0.999 * 0.001 + 0.001 * 0.81);
-        let want = 0.9 - 0.1 * (m / 0.75) / ((v / (1.0 - 0.999f64.powi(2))).sqrt() + 1e-8);
+        let w1 = seen[0];
+        let (m, v) = (0.5 * 0.5 + 0.5 * w1, 0.999 * 0.001 + 0.001 * w1 * w1);
+        let want = w1 - 0.1 * (m / 0.75) / ((v / (1.0 - 0.999f64.powi(2))).sqrt() + 1e-8);
         assert!((seen[1] - want).abs() < 1e-12, "{seen:?} vs {want}");
     }
 }

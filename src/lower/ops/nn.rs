@@ -1,7 +1,8 @@
 //! Neural-network ops: Conv, ConvTranspose, BatchNormalization (inference), pooling, Gemm, MatMul,
-//! Softmax/LogSoftmax, Resize/Upsample. Pooling and resizing are built from narrow/reshape/
-//! index_select rather than candle's max_pool2d / upsample_nearest2d, whose gradients are wrong
-//! (../shared/notes/candle.md); every op here has a finite-difference gradient test.
+//! Softmax/LogSoftmax, Resize/Upsample. On the CPU, Conv, BatchNormalization and pooling run on
+//! `crate::kernels`; elsewhere pooling and resizing are built from narrow/reshape/index_select
+//! rather than candle's max_pool2d / upsample_nearest2d, whose gradients are wrong
+//! (../shared/notes/candle.md). Every op here has a finite-difference gradient test.
 
 use std::collections::HashMap;
 
@@ -310,6 +311,10 @@ impl Op for ConvTranspose {
         ensure!(
             s[0] == s[1] || lifted,
             "different strides per axis ({s:?}) are not supported"
+        );
+        ensure!(
+            d[0] == d[1] || lifted,
+            "different dilations per axis ({d:?}) are not supported"
         );
         let ins = [ih, iw];
         let k = [kh, kw];
