@@ -44,8 +44,8 @@ impl Conv2dSpec {
         }
         let out = |len: usize, pb: usize, pe: usize, k: usize, s: usize, d: usize| {
             let span = len + pb + pe;
-            let reach = d * (k - 1) + 1;
-            (span >= reach && k > 0).then(|| (span - reach) / s + 1)
+            let reach = d * k.checked_sub(1)? + 1;
+            (span >= reach).then(|| (span - reach) / s + 1)
         };
         let [sh, sw] = self.stride;
         let [dh, dw] = self.dilation;
