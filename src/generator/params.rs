@@ -80,27 +80,19 @@ impl Params {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
 
-    /// The parameters as safetensors bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let tensors: Vec<(String, Tensor)> = self
-            .vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        Ok(safetensors::serialize(tensors, None)?)
-    }
-
     /// Atomically writes the parameters to `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::io::write_atomic(path, &self.to_bytes()?)
-            .with_context(|| format!("writing {}", path.display()))
+        save_tensors(
+            path,
+            self.named()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect(),
+        )
     }
 
     /// Loads values saved by `save`: every parameter must be present with the same shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let map = candle_core::safetensors::load_buffer(&bytes, &self.device)
-            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let map = load_tensors(path, &self.device)?;
         for (name, var) in &self.vars {
             let Some(t) = map.get(name) else {
                 bail!("{}: parameter {name} is missing", path.display());
@@ -116,4 +108,20 @@ impl Params {
         }
         Ok(())
     }
+}
+
+/// Atomically writes named tensors to `path` as safetensors.
+pub fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    let bytes = safetensors::serialize(tensors, None)?;
+    crate::io::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads a safetensors file onto `device`.
+pub fn load_tensors(
+    path: &Path,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))
 }

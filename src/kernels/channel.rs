@@ -1,7 +1,7 @@
 //! Per-channel ops on N x C x ... tensors: sums (BN statistics, bias and BN-affine gradients)
 //! and the fused affine `x * a[c] + b[c]` (inference BN, conditional BN, bias add).
 
-use super::{Elem, dispatch, enabled, err, view};
+use super::{Elem, dispatch, enabled, err, sum8, view};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -13,37 +13,6 @@ fn ncp(dims: &[usize]) -> candle_core::Result<(usize, usize, usize)> {
         )));
     }
     Ok((dims[0], dims[1], dims[2..].iter().product()))
-}
-
-/// Sum with eight independent accumulators (vectorises; fixed order).
-fn sum8<T: Elem>(v: &[T], w: Option<&[T]>) -> T {
-    let mut acc = [T::ZERO; 8];
-    let mut tail = T::ZERO;
-    match w {
-        None => {
-            let c = v.chunks_exact(8);
-            for &x in c.remainder() {
-                tail += x;
-            }
-            for x in c {
-                for l in 0..8 {
-                    acc[l] += x[l];
-                }
-            }
-        }
-        Some(w) => {
-            let (c, d) = (v.chunks_exact(8), w.chunks_exact(8));
-            for (&x, &y) in c.remainder().iter().zip(d.remainder()) {
-                tail += x * y;
-            }
-            for (x, y) in c.zip(d) {
-                for l in 0..8 {
-                    acc[l] += x[l] * y[l];
-                }
-            }
-        }
-    }
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail
 }
 
 /// Per-channel sum of `x` (or of `x * other`).

@@ -3,7 +3,7 @@
 //! computes only what tracks.
 
 use super::gemm::{Mat, matmul};
-use super::{Elem, dispatch, enabled, err, view};
+use super::{Elem, dispatch, enabled, err, sum8, view};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -425,25 +425,6 @@ fn depthwise_input_grad<T: Elem>(gy: &[T], w: &[T], s: &Conv2dSpec, g: &Geom, gx
     });
 }
 
-/// Dot product with eight independent accumulators (a single float accumulator does not
-/// vectorise: addition is not associative).
-#[inline]
-fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::ZERO; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = T::ZERO;
-    for (&x, &y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail
-}
-
 fn depthwise_weight_grad<T: Elem>(x: &[T], gy: &[T], s: &Conv2dSpec, g: &Geom) -> Vec<T> {
     let taps = taps(s, g);
     let kk = g.kh * g.kw;
@@ -461,7 +442,7 @@ fn depthwise_weight_grad<T: Elem>(x: &[T], gy: &[T], s: &Conv2dSpec, g: &Geom) -
                     let xrow = &xp[iy * g.w..][..g.w];
                     if sw == 1 {
                         let s0 = (xlo as isize + tap.offx) as usize;
-                        *acc += dot(&grow[xlo..xhi], &xrow[s0..s0 + (xhi - xlo)]);
+                        *acc += sum8(&grow[xlo..xhi], Some(&xrow[s0..s0 + (xhi - xlo)]));
                     } else {
                         for (ox, &v) in grow.iter().enumerate().take(xhi).skip(xlo) {
                             *acc += v * xrow[((ox * sw) as isize + tap.offx) as usize];

@@ -148,6 +148,38 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+/// Sum of `v` (or dot product with `w`) with eight independent accumulators: a single float
+/// accumulator does not vectorise (addition is not associative); the order is fixed.
+pub(crate) fn sum8<T: Elem>(v: &[T], w: Option<&[T]>) -> T {
+    let mut acc = [T::ZERO; 8];
+    let mut tail = T::ZERO;
+    match w {
+        None => {
+            let c = v.chunks_exact(8);
+            for &x in c.remainder() {
+                tail += x;
+            }
+            for x in c {
+                for l in 0..8 {
+                    acc[l] += x[l];
+                }
+            }
+        }
+        Some(w) => {
+            let (c, d) = (v.chunks_exact(8), w.chunks_exact(8));
+            for (&x, &y) in c.remainder().iter().zip(d.remainder()) {
+                tail += x * y;
+            }
+            for (x, y) in c.zip(d) {
+                for l in 0..8 {
+                    acc[l] += x[l] * y[l];
+                }
+            }
+        }
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail
+}
+
 fn err(msg: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(msg.into())
 }

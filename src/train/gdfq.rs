@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::losses::bns;
 use super::optim::{Adam, Sgd, State};
+use crate::generator::params::{load_tensors, save_tensors};
 use crate::generator::{GdfqConfig, GdfqGenerator};
 use crate::lower::Program;
 use crate::quant::fake::{fake_quant_activation, fake_quant_weight};
@@ -192,16 +193,6 @@ fn ckpt_dir(dir: &Path) -> Option<PathBuf> {
         .find(|p| p.join("state.json").exists())
 }
 
-fn write_named(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
-    let bytes = safetensors::serialize(tensors, None)?;
-    crate::io::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
-}
-
-fn read_named(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?)
-}
-
 /// The GDFQ distillation loss: KL(softmax(t/T) || softmax(s/T)) averaged over batch x classes
 /// (PyTorch's KLDivLoss default, as the reference uses it) times T^2.
 pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
@@ -292,12 +283,12 @@ impl Run<'_> {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        write_named(&tmp.join("student.safetensors"), student)?;
-        write_named(
+        save_tensors(&tmp.join("student.safetensors"), student)?;
+        save_tensors(
             &tmp.join("generator-adam.safetensors"),
             self.gen_opt.state()?,
         )?;
-        write_named(
+        save_tensors(
             &tmp.join("student-sgd.safetensors"),
             self.student_opt.state()?,
         )?;
@@ -332,17 +323,21 @@ impl Run<'_> {
         self.generator
             .params
             .load(&dir.join("generator.safetensors"))?;
-        let student = read_named(&dir.join("student.safetensors"))?;
+        let student = load_tensors(&dir.join("student.safetensors"), &Device::Cpu)?;
         for (name, var) in self.student.vars() {
             let t = student
                 .get(name)
                 .with_context(|| format!("{}: student parameter {name} missing", dir.display()))?;
             var.set(t)?;
         }
-        self.gen_opt
-            .load_state(&read_named(&dir.join("generator-adam.safetensors"))?)?;
-        self.student_opt
-            .load_state(&read_named(&dir.join("student-sgd.safetensors"))?)?;
+        self.gen_opt.load_state(&load_tensors(
+            &dir.join("generator-adam.safetensors"),
+            &Device::Cpu,
+        )?)?;
+        self.student_opt.load_state(&load_tensors(
+            &dir.join("student-sgd.safetensors"),
+            &Device::Cpu,
+        )?)?;
         self.rng.set_word_pos(state.rng_word_pos.parse()?);
         self.ranges = state.ranges;
         Ok((state.iter, state.elapsed_seconds))
