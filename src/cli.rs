@@ -107,6 +107,39 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Search a generator architecture for a teacher (AutoReCon): a supernet trained on the
+    /// teacher's BN statistics and predictions; writes DIR/genotype.json (for `compress --method
+    /// autorecon --genotype`), DIR/genotype.svg, DIR/alpha.jsonl + alpha.svg (architecture
+    /// weights over time) and DIR/search.json.
+    Search {
+        /// The teacher ONNX model (with BatchNormalization kept).
+        teacher: PathBuf,
+        /// Output folder (refused when not empty, unless --force or --resume DIR).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+        /// Budget: `quick` (width 16, batch 32, 10 x 100 iterations, hard sampling: about 30
+        /// min on 2 CPU cores for a CIFAR ResNet-20) or `paper` (width 64, batch 64, 100 x 100).
+        #[arg(long, value_enum, default_value_t = crate::search::SearchPreset::Quick)]
+        preset: crate::search::SearchPreset,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        search: crate::compress::SearchArgs,
+        /// Continue the search whose output folder (with its checkpoint/) is DIR.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// alpha.jsonl gets a line every N iterations.
+        #[arg(long, default_value_t = 10)]
+        log_every: usize,
+        /// Stop with an error after N iterations, as if killed (tests resume).
+        #[arg(long, hide = true)]
+        stop_after: Option<usize>,
+        /// Print search.json instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a pipeline file (pipelines/*.toml): every hyper-parameter of a recipe in one file,
     /// run as the `compress` command line it stands for.
     #[command(
@@ -425,6 +458,69 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", crate::report::render_compress(&r));
                 println!("report: {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Search {
+            teacher,
+            out,
+            force,
+            preset,
+            seed,
+            search,
+            resume,
+            log_every,
+            stop_after,
+            json,
+        } => {
+            let loaded = onnx::load_model(&teacher)?;
+            let (_, c, h, w) = eval::input_geometry(&loaded)?;
+            anyhow::ensure!(
+                h == w,
+                "{}: the AutoReCon generator makes square images, the input is {h}x{w}",
+                teacher.display()
+            );
+            let same = resume.as_deref() == Some(out.as_path());
+            crate::compress::prepare_out_dir(&out, force || same)?;
+            let cfg = search.config(preset, seed)?;
+            let tp =
+                crate::lower::lower(&loaded, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+            let classes = crate::compress::classes(&loaded, &tp, (c, h))?;
+            let io = crate::search::SearchIo {
+                out: &out,
+                resume: resume.as_deref(),
+                checkpoint_every: search.search_checkpoint_every,
+                log_every,
+                stop_after,
+            };
+            if !json {
+                eprintln!(
+                    "search: {} epochs x {} iterations, batch {}, width {}, {:?} sampling",
+                    cfg.epochs, cfg.iters_per_epoch, cfg.batch, cfg.width, cfg.sampling
+                );
+            }
+            let pb = eval::progress_iters(cfg.total_iters(), "search");
+            let (_, report) = crate::search::search(
+                &tp,
+                &teacher.display().to_string(),
+                classes,
+                (c, h),
+                cfg,
+                &io,
+                &mut |l, _| {
+                    pb.set_position(l.iter as u64 + 1);
+                    pb.set_message(format!(
+                        "search ep {} tau {:.2} CE {:.3}/{:.3} BNS {:.3}/{:.3}",
+                        l.epoch, l.tau, l.weight_ce, l.arch_ce, l.weight_bns, l.arch_bns
+                    ));
+                },
+            )?;
+            pb.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::report::render_search(&report));
+                println!("genotype: {}", out.join("genotype.json").display());
             }
             Ok(ExitCode::SUCCESS)
         }

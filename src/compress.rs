@@ -17,6 +17,7 @@ use crate::onnx::{self, LoadedModel};
 use crate::quant::calibrate::{self, Method, Ranges};
 use crate::quant::placement::{self, PlanOptions};
 use crate::quant::{BitSpec, QParams, WeightScheme};
+use crate::search::{Sampling, SearchConfig, SearchPreset, SearchReport};
 use crate::train::gdfq::{
     self, Config as GdfqTrainConfig, GeneratorFamily, Metrics, Preset, RangeSource,
 };
@@ -85,6 +86,95 @@ pub struct Options {
     pub baselines: bool,
     #[command(flatten)]
     pub gdfq: GdfqArgs,
+    #[command(flatten)]
+    pub autorecon: AutoreconArgs,
+}
+
+/// Flags of `--method autorecon`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "AutoReCon (--method autorecon; also the GDFQ flags)")]
+pub struct AutoreconArgs {
+    /// A genotype from `datafree search` (genotype.json); without it the search runs first
+    /// (into OUT/search, with the --preset's search budget and the search flags below).
+    #[arg(long, value_name = "FILE")]
+    pub genotype: Option<PathBuf>,
+    /// Channels of the derived generator's cells [default: the genotype's, i.e. the search
+    /// width]; the paper scales them by 0.5..4 x 64.
+    #[arg(long)]
+    pub generator_width: Option<usize>,
+    /// Start the derived generator from the search's supernet weights (same width only)
+    /// instead of training it from scratch.
+    #[arg(long)]
+    pub inherit_weights: bool,
+    #[command(flatten)]
+    pub search: SearchArgs,
+}
+
+/// Budget and settings of the AutoReCon search (unset values take the preset's).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SearchArgs {
+    #[arg(long)]
+    pub search_epochs: Option<usize>,
+    #[arg(long)]
+    pub search_iters_per_epoch: Option<usize>,
+    #[arg(long)]
+    pub search_batch: Option<usize>,
+    /// Channels of every supernet cell (64 x the paper's scale factor s).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Gumbel-softmax samples: `soft` (every op weighted) or `hard` (one op, straight-through).
+    #[arg(long, value_enum)]
+    pub sampling: Option<Sampling>,
+    /// Temperature schedule "start,end" (exponential decay over the search).
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub tau: Option<Vec<f64>>,
+    /// Adam learning rate of the supernet's weights.
+    #[arg(long)]
+    pub search_lr: Option<f64>,
+    /// Adam learning rate of the architecture weights alpha.
+    #[arg(long)]
+    pub arch_lr: Option<f64>,
+    #[arg(long)]
+    pub arch_weight_decay: Option<f64>,
+    /// Write a resumable search checkpoint every N iterations.
+    #[arg(long, default_value_t = 50)]
+    pub search_checkpoint_every: usize,
+}
+
+impl SearchArgs {
+    pub fn config(&self, preset: SearchPreset, seed: u64) -> Result<SearchConfig> {
+        let mut c = SearchConfig::preset(preset, seed);
+        let set = |dst: &mut usize, v: Option<usize>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        set(&mut c.epochs, self.search_epochs);
+        set(&mut c.iters_per_epoch, self.search_iters_per_epoch);
+        set(&mut c.batch, self.search_batch);
+        set(&mut c.width, self.width);
+        if let Some(v) = self.sampling {
+            c.sampling = v;
+        }
+        if let Some(t) = &self.tau {
+            ensure!(t.len() == 2, "--tau takes two values, start,end; got {t:?}");
+            c.tau = (t[0], t[1]);
+        }
+        if let Some(v) = self.search_lr {
+            c.weight_lr = v;
+        }
+        if let Some(v) = self.arch_lr {
+            c.arch_lr = v;
+        }
+        if let Some(v) = self.arch_weight_decay {
+            c.arch_weight_decay = v;
+        }
+        ensure!(
+            c.epochs > 0 && c.iters_per_epoch > 0 && c.width > 0 && c.batch >= 2,
+            "the search needs epochs, iterations per epoch and width > 0 and a batch of at least 2"
+        );
+        Ok(c)
+    }
 }
 
 /// One PTQ baseline's result (with `--baselines`).
@@ -216,6 +306,11 @@ impl GdfqArgs {
 pub struct GdfqReport {
     pub config: GdfqTrainConfig,
     pub generator_params: usize,
+    /// Multiply-accumulates of the generator per image.
+    pub generator_macs: u64,
+    /// The AutoReCon search that produced the generator (when it ran in this command).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<SearchReport>,
     pub train_seconds: f64,
     pub resumed_from_iter: Option<usize>,
     /// (iteration, top-1 %) of the fake-quantized student on the measuring data.
@@ -399,7 +494,7 @@ pub fn compress(
             }));
             r
         }
-        Method::Gdfq => {
+        Method::Gdfq | Method::Autorecon => {
             let fixed = match opts.gdfq.config(opts.seed)?.range_source {
                 RangeSource::Bn => ptq_bn_ranges(teacher, &plan, opts, c, &mut sources),
                 RangeSource::Ema => Ranges::new(),
@@ -417,11 +512,13 @@ pub fn compress(
             )?;
             folded = trained;
             gdfq_report = Some(rep);
+            let what = if opts.method == Method::Autorecon {
+                "AutoReCon generator images (EMA of batch min/max during warm-up)"
+            } else {
+                "GDFQ generator images (EMA of batch min/max during warm-up)"
+            };
             for t in r.keys().filter(|t| !fixed.contains_key(*t)) {
-                sources.insert(
-                    t.clone(),
-                    "GDFQ generator images (EMA of batch min/max during warm-up)".into(),
-                );
+                sources.insert(t.clone(), what.into());
             }
             r
         }
@@ -578,19 +675,73 @@ fn run_gdfq(
     fixed: &Ranges,
     log: &mut dyn FnMut(&str),
 ) -> Result<(Ranges, crate::onnx::pb::ModelProto, GdfqReport)> {
-    let cfg = opts.gdfq.config(opts.seed)?;
+    let mut cfg = opts.gdfq.config(opts.seed)?;
     let tp = lower(teacher, &Device::Cpu, DType::F32)?;
-    let classes = match crate::onnx::inspect::inspect(teacher).classes {
-        Some(c) => c,
-        // The output shape is not declared: ask the graph.
-        None => tp
-            .forward(&calibrate::noise(
-                &[2, channels, size, size],
-                0,
-                &Device::Cpu,
-            )?)?
-            .dim(1)?,
-    };
+    let classes = classes(teacher, &tp, (channels, size))?;
+    let mut search_report = None;
+    if opts.method == Method::Autorecon {
+        let genotype = match &opts.autorecon.genotype {
+            Some(f) => {
+                let g = crate::generator::Genotype::load(f)?;
+                log(&format!("autorecon: genotype from {}", f.display()));
+                g
+            }
+            None => {
+                let preset = match opts.gdfq.preset {
+                    Preset::Paper => SearchPreset::Paper,
+                    Preset::Quick => SearchPreset::Quick,
+                };
+                let scfg = opts.autorecon.search.config(preset, opts.seed)?;
+                let dir = out.join("search");
+                std::fs::create_dir_all(&dir)?;
+                let resume = opts
+                    .gdfq
+                    .resume
+                    .as_ref()
+                    .map(|r| r.join("search"))
+                    .filter(|d| crate::io::find_checkpoint(d).is_some());
+                let (g, rep) = run_search(
+                    &tp,
+                    &teacher.path.display().to_string(),
+                    classes,
+                    (channels, size),
+                    scfg,
+                    &dir,
+                    resume.as_deref(),
+                    opts.autorecon.search.search_checkpoint_every,
+                    log,
+                )?;
+                search_report = Some(rep);
+                g
+            }
+        };
+        let mut genotype = genotype;
+        if opts.autorecon.inherit_weights {
+            let dir = match &opts.autorecon.genotype {
+                Some(f) => f.parent().map(Path::to_path_buf).unwrap_or_default(),
+                None => out.join("search"),
+            };
+            let ckpt = crate::io::find_checkpoint(&dir).with_context(|| {
+                format!(
+                    "--inherit-weights: no search checkpoint next to the genotype (expected {}/checkpoint/supernet.safetensors)",
+                    dir.display()
+                )
+            })?;
+            ensure!(
+                opts.autorecon
+                    .generator_width
+                    .is_none_or(|w| w == genotype.width),
+                "--inherit-weights needs the search width ({}); drop --generator-width",
+                genotype.width
+            );
+            cfg.generator_init = Some(ckpt.join("supernet.safetensors"));
+        }
+        if let Some(w) = opts.autorecon.generator_width {
+            genotype.width = w;
+        }
+        cfg.generator = GeneratorFamily::Autorecon;
+        cfg.genotype = Some(genotype);
+    }
     // The student trains in the teacher's own parametrization (conv weights, BN scale and shift
     // in inference mode, as the reference does) and is folded afterwards: per-channel symmetric
     // quantization commutes with the per-channel BN scale. Training the folded weights directly
@@ -660,11 +811,7 @@ fn run_gdfq(
         },
     };
     let total = cfg.total_iters();
-    let pb = crate::verify::eval::progress(total, "gdfq");
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} it, eta {eta}")
-            .expect("valid template"),
-    );
+    let pb = crate::verify::eval::progress_iters(total, "gdfq");
     let outcome = gdfq::train(
         &tp,
         &mut sp,
@@ -702,6 +849,8 @@ fn run_gdfq(
     let report = GdfqReport {
         config: cfg,
         generator_params: outcome.generator_params,
+        generator_macs: outcome.generator_macs,
+        search: search_report,
         train_seconds: outcome.train_seconds,
         resumed_from_iter: outcome.resumed_from,
         eval_curve: outcome
@@ -716,6 +865,81 @@ fn run_gdfq(
         None => export::with_initializers(&float_model.proto, &outcome.values)?,
     };
     Ok((outcome.ranges, trained, report))
+}
+
+/// Number of classes of a classifier: its declared output shape, else one forward pass.
+pub fn classes(
+    teacher: &LoadedModel,
+    program: &crate::lower::Program,
+    (channels, size): (usize, usize),
+) -> Result<usize> {
+    Ok(match crate::onnx::inspect::inspect(teacher).classes {
+        Some(c) => c,
+        None => program
+            .forward(&calibrate::noise(
+                &[2, channels, size, size],
+                0,
+                &Device::Cpu,
+            )?)?
+            .dim(1)?,
+    })
+}
+
+/// Runs an AutoReCon search into `dir` with a progress bar; returns the genotype.
+#[allow(clippy::too_many_arguments)]
+pub fn run_search(
+    teacher: &crate::lower::Program,
+    teacher_name: &str,
+    classes: usize,
+    image: (usize, usize),
+    cfg: SearchConfig,
+    dir: &Path,
+    resume: Option<&Path>,
+    checkpoint_every: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<(crate::generator::Genotype, SearchReport)> {
+    log(&format!(
+        "search: {} epochs x {} iterations, batch {}, width {}, {:?} sampling, tau {} -> {}{}",
+        cfg.epochs,
+        cfg.iters_per_epoch,
+        cfg.batch,
+        cfg.width,
+        cfg.sampling,
+        cfg.tau.0,
+        cfg.tau.1,
+        resume.map_or(String::new(), |r| format!(" (resuming {})", r.display()))
+    ));
+    let pb = crate::verify::eval::progress_iters(cfg.total_iters(), "search");
+    let io = crate::search::SearchIo {
+        out: dir,
+        resume,
+        checkpoint_every,
+        log_every: 10,
+        stop_after: None,
+    };
+    let r = crate::search::search(
+        teacher,
+        teacher_name,
+        classes,
+        image,
+        cfg,
+        &io,
+        &mut |l, _| {
+            pb.set_position(l.iter as u64 + 1);
+            pb.set_message(format!(
+                "search ep {} tau {:.2} w: CE {:.3} BNS {:.3} alpha: CE {:.3} BNS {:.3}",
+                l.epoch, l.tau, l.weight_ce, l.weight_bns, l.arch_ce, l.arch_bns
+            ));
+        },
+    )?;
+    pb.finish_and_clear();
+    log(&format!(
+        "search: genotype in {} ({:.0} s, peak {} MB)",
+        dir.join("genotype.json").display(),
+        r.1.seconds,
+        r.1.peak_rss_mb.map_or("?".into(), |m| format!("{m:.0}"))
+    ));
+    Ok(r)
 }
 
 /// The PTQ methods other than `opts.method`, at the same settings, each into a scratch folder.

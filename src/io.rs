@@ -31,6 +31,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Writes a checkpoint folder `dir/checkpoint` as a folder swap: `fill` writes into a fresh
+/// `checkpoint.tmp`, which then replaces the old one, so at every moment either `checkpoint` or
+/// `checkpoint.old` is complete.
+pub fn write_checkpoint_dir(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let tmp = dir.join("checkpoint.tmp");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    fill(&tmp)?;
+    let (cur, old) = (dir.join(CHECKPOINT), dir.join("checkpoint.old"));
+    let _ = fs::remove_dir_all(&old);
+    if cur.exists() {
+        fs::rename(&cur, &old)?;
+    }
+    fs::rename(&tmp, &cur)?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
+}
+
+const CHECKPOINT: &str = "checkpoint";
+
+/// The complete checkpoint folder of a run folder (`checkpoint`, or `checkpoint.old` when a
+/// swap was interrupted), recognised by its `state.json`.
+pub fn find_checkpoint(dir: &Path) -> Option<std::path::PathBuf> {
+    [CHECKPOINT, "checkpoint.old"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.join("state.json").exists())
+}
+
+/// Peak resident memory of this process in MB (Linux; None elsewhere).
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,5 +17,6 @@ pub mod onnx;
 pub mod pipeline;
 pub mod quant;
 pub mod report;
+pub mod search;
 pub mod train;
 pub mod verify;

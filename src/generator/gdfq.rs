@@ -10,7 +10,7 @@
 //! Convs followed by batch-statistics BN carry no bias: it would be subtracted again by the BN,
 //! so the output is the reference's exactly, with fewer parameters.
 
-use super::{Params, batch_norm};
+use super::{Generator, Params, batch_norm};
 use crate::kernels::{Conv2dSpec, UpMode, conv2d, leaky_relu, upsample2d};
 use anyhow::{Result, ensure};
 use candle_core::{Device, Tensor};
@@ -178,5 +178,35 @@ impl GdfqGenerator {
             }
             None => batch_norm(&h, None, 1e-5),
         }
+    }
+}
+
+impl Generator for GdfqGenerator {
+    fn latent(&self) -> usize {
+        self.cfg.latent
+    }
+    fn image(&self) -> (usize, usize) {
+        (self.cfg.channels, self.cfg.size)
+    }
+    fn forward(&self, z: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        GdfqGenerator::forward(self, z, labels)
+    }
+    fn params(&self) -> &Params {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+    fn macs_per_image(&self) -> u64 {
+        let (w, s, c) = (
+            self.cfg.width as u64,
+            (self.cfg.size / 4) as u64,
+            self.cfg.channels as u64,
+        );
+        // l1, conv1 at 2s, conv2 at 4s, conv3 at 4s.
+        self.cfg.latent as u64 * w * s * s
+            + w * w * 9 * 4 * s * s
+            + w / 2 * w * 9 * 16 * s * s
+            + c * w / 2 * 9 * 16 * s * s
     }
 }

@@ -2,9 +2,11 @@
 //! input space. One file per family; parameters live in a `Params` store (seeded init,
 //! safetensors checkpoints).
 
+pub mod autorecon;
 pub mod gdfq;
 pub mod params;
 
+pub use autorecon::{AutoReconConfig, AutoReconGenerator, Genotype};
 pub use gdfq::{GdfqConfig, GdfqGenerator};
 pub use params::Params;
 
@@ -34,4 +36,17 @@ pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> R
                 .broadcast_add(&b.reshape(shape)?)?
         }
     })
+}
+
+/// What the training loops need of a generator.
+pub trait Generator {
+    fn latent(&self) -> usize;
+    /// (channels, size) of the square images it makes.
+    fn image(&self) -> (usize, usize);
+    /// Images (N x channels x size x size) for latents `z` (N x latent) and labels (N, u32).
+    fn forward(&self, z: &Tensor, labels: &Tensor) -> Result<Tensor>;
+    fn params(&self) -> &Params;
+    fn params_mut(&mut self) -> &mut Params;
+    /// Multiply-accumulates of its convs and linears per generated image.
+    fn macs_per_image(&self) -> u64;
 }

@@ -30,6 +30,9 @@ pub enum Method {
     /// GDFQ: a class-conditional generator trained on the teacher's BN statistics; ranges from
     /// its images, and the student fine-tuned on them by distillation.
     Gdfq,
+    /// AutoReCon: GDFQ with a generator whose architecture was searched for this teacher
+    /// (`datafree search`; runs the search first unless --genotype is given).
+    Autorecon,
 }
 
 /// Float range per tensor.

@@ -254,7 +254,7 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
         let c = &g.config;
         let _ = writeln!(
             o,
-            "  gdfq: {} x {} iterations, batch {}, warm-up {} epochs, {:.0} s{}; generator {} parameters",
+            "  gdfq: {} x {} iterations, batch {}, warm-up {} epochs, {:.0} s{}; generator {} ({} parameters, {:.1} M MACs per image)",
             c.epochs,
             c.iters_per_epoch,
             c.batch,
@@ -262,8 +262,13 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
             g.train_seconds,
             g.resumed_from_iter
                 .map_or(String::new(), |i| format!(" (resumed at {i})")),
-            g.generator_params
+            crate::compress::cli_name(&c.generator),
+            g.generator_params,
+            g.generator_macs as f64 / 1e6
         );
+        if let Some(sr) = &g.search {
+            o.push_str(&render_search(sr));
+        }
         if !g.eval_curve.is_empty() {
             let curve: Vec<String> = g
                 .eval_curve
@@ -346,6 +351,50 @@ pub fn save_grid(
     )?;
     crate::io::write_atomic(path, &bytes)?;
     Ok(())
+}
+
+/// The human summary of an AutoReCon search.
+pub fn render_search(r: &crate::search::SearchReport) -> String {
+    let mut o = String::new();
+    let c = &r.config;
+    let per_epoch = if r.epoch_seconds.is_empty() {
+        "-".to_string()
+    } else {
+        format!(
+            "{:.1}",
+            r.epoch_seconds.iter().sum::<f64>() / r.epoch_seconds.len() as f64
+        )
+    };
+    let _ = writeln!(
+        o,
+        "  search: {} x {} iterations, batch {}, width {}, {:?} sampling, {:.0} s ({per_epoch} s per epoch), peak {} MB{}",
+        c.epochs,
+        c.iters_per_epoch,
+        c.batch,
+        c.width,
+        c.sampling,
+        r.seconds,
+        r.peak_rss_mb.map_or("?".into(), |m| format!("{m:.0}")),
+        r.resumed_from_iter
+            .map_or(String::new(), |i| format!(" (resumed at {i})"))
+    );
+    let _ = writeln!(
+        o,
+        "  supernet {} parameters, {:.1} M MACs/image; derived generator {} parameters, {:.1} M MACs/image",
+        r.supernet_params,
+        r.supernet_macs_per_image as f64 / 1e6,
+        r.derived_params,
+        r.derived_macs_per_image as f64 / 1e6
+    );
+    for (k, cell) in r.genotype.cells.iter().enumerate() {
+        let edges: Vec<String> = cell
+            .iter()
+            .filter(|e| e.op != crate::generator::autorecon::Op::None)
+            .map(|e| format!("{} {}", e.edge, e.op))
+            .collect();
+        let _ = writeln!(o, "  cell {}: {}", k + 1, edges.join(", "));
+    }
+    o
 }
 
 #[cfg(test)]

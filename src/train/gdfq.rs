@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::losses::bns;
 use super::optim::{Adam, Sgd, State};
 use crate::generator::params::{load_tensors, save_tensors};
-use crate::generator::{GdfqConfig, GdfqGenerator};
+use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator, Genotype};
 use crate::lower::Program;
 use crate::quant::fake::{fake_quant_activation, fake_quant_weight};
 use crate::quant::placement::Plan;
@@ -47,6 +47,8 @@ pub enum GeneratorFamily {
     GdfqCifar,
     /// The GDFQ ImageNet generator (class-conditional BN everywhere).
     GdfqImagenet,
+    /// A generator derived by `datafree search` (AutoReCon); needs a genotype.
+    Autorecon,
 }
 
 /// Where the student's activation ranges come from.
@@ -63,6 +65,13 @@ pub enum RangeSource {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
     pub generator: GeneratorFamily,
+    /// The architecture of an `autorecon` generator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub genotype: Option<Genotype>,
+    /// Start the generator from these weights (safetensors; e.g. the search's supernet, whose
+    /// names a derived generator shares) instead of a fresh initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator_init: Option<PathBuf>,
     pub epochs: usize,
     pub iters_per_epoch: usize,
     pub batch: usize,
@@ -89,6 +98,8 @@ impl Config {
     pub fn preset(p: Preset, seed: u64) -> Self {
         let paper = Config {
             generator: GeneratorFamily::GdfqCifar,
+            genotype: None,
+            generator_init: None,
             epochs: 400,
             iters_per_epoch: 200,
             batch: 200,
@@ -163,8 +174,41 @@ pub struct Outcome {
     pub values: HashMap<String, Vec<f32>>,
     pub history: Vec<Metrics>,
     pub generator_params: usize,
+    /// Multiply-accumulates of the generator per image.
+    pub generator_macs: u64,
     pub train_seconds: f64,
     pub resumed_from: Option<usize>,
+}
+
+/// The generator `cfg` names, initialised from its seed.
+pub fn build_generator(
+    cfg: &Config,
+    classes: usize,
+    (channels, size): (usize, usize),
+) -> Result<Box<dyn Generator>> {
+    Ok(match cfg.generator {
+        GeneratorFamily::GdfqCifar => Box::new(GdfqGenerator::new(
+            GdfqConfig::cifar(classes, channels, size),
+            &Device::Cpu,
+            cfg.seed,
+        )?),
+        GeneratorFamily::GdfqImagenet => Box::new(GdfqGenerator::new(
+            GdfqConfig::imagenet(classes, channels, size),
+            &Device::Cpu,
+            cfg.seed,
+        )?),
+        GeneratorFamily::Autorecon => {
+            let g = cfg.genotype.as_ref().context(
+                "the autorecon generator needs a genotype (--genotype FILE, from `datafree search`)",
+            )?;
+            Box::new(AutoReconGenerator::derived(
+                g,
+                (100, classes, channels, size),
+                &Device::Cpu,
+                cfg.seed,
+            )?)
+        }
+    })
 }
 
 /// Top-1 (%) of a student program on the measuring data.
@@ -184,15 +228,6 @@ pub struct Io<'a> {
     pub eval: Option<(usize, &'a EvalFn<'a>)>,
 }
 
-const CKPT: &str = "checkpoint";
-
-fn ckpt_dir(dir: &Path) -> Option<PathBuf> {
-    [CKPT, "checkpoint.old"]
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.join("state.json").exists())
-}
-
 /// The GDFQ distillation loss: KL(softmax(t/T) || softmax(s/T)) averaged over batch x classes
 /// (PyTorch's KLDivLoss default, as the reference uses it) times T^2.
 pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
@@ -206,7 +241,7 @@ struct Run<'a> {
     cfg: Config,
     student: &'a mut Program,
     plan: &'a Plan,
-    generator: GdfqGenerator,
+    generator: Box<dyn Generator>,
     gen_opt: Adam,
     student_opt: Sgd,
     rng: ChaCha8Rng,
@@ -218,7 +253,7 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn sample(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
-        let latent = self.generator.cfg.latent;
+        let latent = self.generator.latent();
         let z: Vec<f32> = (0..n * latent)
             .map(|_| StandardNormal.sample(&mut self.rng))
             .collect();
@@ -271,44 +306,35 @@ impl Run<'_> {
     }
 
     fn save(&self, dir: &Path, iter: usize, elapsed: f64) -> Result<()> {
-        let tmp = dir.join("checkpoint.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
-        self.generator
-            .params
-            .save(&tmp.join("generator.safetensors"))?;
-        let student: Vec<(String, Tensor)> = self
-            .student
-            .vars()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        save_tensors(&tmp.join("student.safetensors"), student)?;
-        save_tensors(
-            &tmp.join("generator-adam.safetensors"),
-            self.gen_opt.state()?,
-        )?;
-        save_tensors(
-            &tmp.join("student-sgd.safetensors"),
-            self.student_opt.state()?,
-        )?;
-        let state = Checkpoint {
-            config: self.cfg.clone(),
-            iter,
-            rng_word_pos: self.rng.get_word_pos().to_string(),
-            ranges: self.ranges.clone(),
-            elapsed_seconds: elapsed,
-        };
-        crate::io::write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(&state)?)?;
-        // Swap folders: at every moment either `checkpoint` or `checkpoint.old` is complete.
-        let (cur, old) = (dir.join(CKPT), dir.join("checkpoint.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        if cur.exists() {
-            std::fs::rename(&cur, &old)?;
-        }
-        std::fs::rename(&tmp, &cur)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        crate::io::write_checkpoint_dir(dir, |tmp| {
+            self.generator
+                .params()
+                .save(&tmp.join("generator.safetensors"))?;
+            let student: Vec<(String, Tensor)> = self
+                .student
+                .vars()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            save_tensors(&tmp.join("student.safetensors"), student)?;
+            save_tensors(
+                &tmp.join("generator-adam.safetensors"),
+                self.gen_opt.state()?,
+            )?;
+            save_tensors(
+                &tmp.join("student-sgd.safetensors"),
+                self.student_opt.state()?,
+            )?;
+            let state = Checkpoint {
+                config: self.cfg.clone(),
+                iter,
+                rng_word_pos: self.rng.get_word_pos().to_string(),
+                ranges: self.ranges.clone(),
+                elapsed_seconds: elapsed,
+            };
+            crate::io::write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(&state)?)?;
+            Ok(())
+        })
     }
 
     fn load(&mut self, dir: &Path) -> Result<(usize, f64)> {
@@ -321,7 +347,7 @@ impl Run<'_> {
             state.config
         );
         self.generator
-            .params
+            .params_mut()
             .load(&dir.join("generator.safetensors"))?;
         let student = load_tensors(&dir.join("student.safetensors"), &Device::Cpu)?;
         for (name, var) in self.student.vars() {
@@ -355,7 +381,7 @@ fn finite(v: f64, what: &str, iter: usize) -> Result<f64> {
 
 /// Samples a grid: one row per class (up to 10 classes), 8 images each, from fixed latents.
 fn save_samples(
-    g: &GdfqGenerator,
+    g: &dyn Generator,
     path: &Path,
     classes: usize,
     denorm: &Option<(Vec<f32>, Vec<f32>)>,
@@ -363,15 +389,16 @@ fn save_samples(
     let (rows, cols) = (classes.min(10), 8);
     let mut r = ChaCha8Rng::seed_from_u64(0x9d1d);
     let n = rows * cols;
-    let z: Vec<f32> = (0..n * g.cfg.latent)
+    let z: Vec<f32> = (0..n * g.latent())
         .map(|_| StandardNormal.sample(&mut r))
         .collect();
     let y: Vec<u32> = (0..n).map(|i| (i / cols) as u32).collect();
     let x = g.forward(
-        &Tensor::from_vec(z, (n, g.cfg.latent), &Device::Cpu)?,
+        &Tensor::from_vec(z, (n, g.latent()), &Device::Cpu)?,
         &Tensor::from_vec(y, n, &Device::Cpu)?,
     )?;
-    let (c, h, w) = (g.cfg.channels, g.cfg.size, g.cfg.size);
+    let (c, h) = g.image();
+    let w = h;
     let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let images: Vec<Vec<u8>> = v
         .chunks(c * h * w)
@@ -440,14 +467,13 @@ pub fn train(
     }
     let student_vars: Vec<candle_core::Var> =
         student.vars().iter().map(|(_, v)| v.clone()).collect();
-    let generator = GdfqGenerator::new(
-        GdfqConfig::cifar(classes, channels, size),
-        &Device::Cpu,
-        cfg.seed,
-    )?;
+    let mut generator = build_generator(&cfg, classes, (channels, size))?;
+    if let Some(init) = &cfg.generator_init {
+        generator.params_mut().load(init)?;
+    }
     let mut run = Run {
         gen_opt: Adam::new(
-            generator.params.vars(),
+            generator.params().vars(),
             cfg.generator_lr,
             cfg.generator_betas,
         ),
@@ -471,7 +497,7 @@ pub fn train(
     let (mut start, mut elapsed0, mut history, mut resumed_from) = (0, 0.0, Vec::new(), None);
     let mut log = Vec::new();
     if let Some(from) = io.resume {
-        let dir = ckpt_dir(from).with_context(|| {
+        let dir = crate::io::find_checkpoint(from).with_context(|| {
             format!(
                 "{}: no checkpoint to resume from (expected {}/checkpoint/state.json)",
                 from.display(),
@@ -573,7 +599,7 @@ pub fn train(
         history.push(m);
         if io.grid_every > 0 && (done % io.grid_every == 0 || done == cfg.total_iters()) {
             let p = io.out.join(format!("samples-{done:06}.png"));
-            save_samples(&run.generator, &p, classes, &io.denorm)?;
+            save_samples(run.generator.as_ref(), &p, classes, &io.denorm)?;
         }
         if io.checkpoint_every > 0 && (done % io.checkpoint_every == 0 || done == cfg.total_iters())
         {
@@ -603,7 +629,8 @@ pub fn train(
         ranges,
         values,
         history,
-        generator_params: run.generator.params.count(),
+        generator_params: run.generator.params().count(),
+        generator_macs: run.generator.macs_per_image(),
         train_seconds: elapsed0 + t0.elapsed().as_secs_f64(),
         resumed_from,
     })

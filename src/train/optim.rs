@@ -97,6 +97,8 @@ pub struct Adam {
     pub lr: f64,
     pub betas: (f64, f64),
     pub eps: f64,
+    /// L2 penalty added to the gradient (PyTorch Adam's `weight_decay`, not AdamW's).
+    pub weight_decay: f64,
 }
 
 impl Adam {
@@ -110,6 +112,7 @@ impl Adam {
             lr,
             betas,
             eps: 1e-8,
+            weight_decay: 0.0,
         }
     }
 
@@ -121,6 +124,13 @@ impl Adam {
         for ((var, m), v) in self.vars.iter().zip(&mut self.m).zip(&mut self.v) {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
+            };
+            let decayed;
+            let g = if self.weight_decay != 0.0 {
+                decayed = (g + (var.as_tensor() * self.weight_decay)?)?;
+                &decayed
+            } else {
+                g
             };
             let nm = match m.take() {
                 Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
@@ -205,5 +215,33 @@ mod tests {
         let (m, v) = (0.5 * 0.5 + 0.5 * w1, 0.999 * 0.001 + 0.001 * w1 * w1);
         let want = w1 - 0.1 * (m / 0.75) / ((v / (1.0 - 0.999f64.powi(2))).sqrt() + 1e-8);
         assert!((seen[1] - want).abs() < 1e-12, "{seen:?} vs {want}");
+    }
+
+    #[test]
+    fn adam_weight_decay_is_added_to_the_gradient() {
+        // PyTorch Adam(weight_decay=0.5) on f = w^2/2 from w = 1: g' = (1 + 0.5) w.
+        let w = Var::new(&[1.0f64], &Device::Cpu).unwrap();
+        let mut opt = Adam::new(vec![w.clone()], 0.1, (0.5, 0.999));
+        opt.weight_decay = 0.5;
+        let mut seen = vec![];
+        for _ in 0..2 {
+            let loss = (w.as_tensor().sqr().unwrap() * 0.5)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+            seen.push(w.as_tensor().to_vec1::<f64>().unwrap()[0]);
+        }
+        let (g1, w1) = (1.5, seen[0]);
+        let g2 = 1.5 * w1;
+        let (m, v) = (
+            0.5 * 0.5 * g1 + 0.5 * g2,
+            0.999 * 0.001 * g1 * g1 + 0.001 * g2 * g2,
+        );
+        let want = w1 - 0.1 * (m / 0.75) / ((v / (1.0 - 0.999f64.powi(2))).sqrt() + 1e-8);
+        assert!((seen[1] - want).abs() < 1e-12, "{seen:?} vs {want}");
+        // Without the decay the second step differs.
+        let plain_m = 0.5 * 0.5 + 0.5 * w1;
+        assert!((plain_m - m).abs() > 0.1);
     }
 }

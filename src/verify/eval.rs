@@ -99,6 +99,18 @@ pub fn progress(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
+/// A progress bar over training iterations.
+pub fn progress_iters(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} it, eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
 /// Model input geometry (N x C x H x W) from the model's declared input.
 pub fn input_geometry(model: &LoadedModel) -> Result<(usize, usize, usize, usize)> {
     let r = crate::onnx::inspect::inspect(model);

@@ -1,0 +1,659 @@
+//! The AutoReCon search space (Zhu et al. 2021, macro-architecture of its derived generators,
+//! see ../shared/notes/reference-recipes.md): 3 cells of `width` channels doubling the spatial
+//! size (size/8 -> size). The latent is split in three; part k goes through its own Linear and is
+//! added at the input of cell k. In each cell, two UP edges (x2 interpolation, then
+//! class-conditional BN -> LeakyReLU(0.2) -> conv1x1) make nodes 0 and 1; node 2 sums NORMAL
+//! edges from nodes 0 and 1, node 3 from nodes 0, 1 and 2 (pre-activation CBN -> LeakyReLU ->
+//! conv, or identity, or none); cells 2 and 3 get CROSS edges (none / x2 interpolation) from the
+//! previous cell's nodes 0-2 into nodes 2 and 3. Node 3 is the cell's output. Output: CBN ->
+//! LeakyReLU -> conv3x3 to the image channels -> tanh -> BN without affine.
+//!
+//! One network type serves both the supernet (every candidate op on every edge, mixed by
+//! weights the search supplies) and a derived generator (one op per edge, from a [`Genotype`]).
+//! Parameter names depend only on (cell, edge, op), so a derived generator can inherit the
+//! supernet's weights.
+
+use std::fmt;
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{Generator, Params, batch_norm};
+use crate::kernels::{Conv2dSpec, UpMode, conv2d, leaky_relu, upsample2d};
+
+/// A candidate operation on an edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    None,
+    Identity,
+    Nearest,
+    Bilinear,
+    Conv1x1,
+    Conv3x3,
+    Conv5x5,
+    DilConv3x3,
+    DilConv5x5,
+}
+
+impl Op {
+    /// (kernel, dilation) of the conv ops.
+    fn conv(self) -> Option<(usize, usize)> {
+        match self {
+            Op::Conv1x1 => Some((1, 1)),
+            Op::Conv3x3 => Some((3, 1)),
+            Op::Conv5x5 => Some((5, 1)),
+            Op::DilConv3x3 => Some((3, 2)),
+            Op::DilConv5x5 => Some((5, 2)),
+            _ => None,
+        }
+    }
+
+    fn up(self) -> Option<UpMode> {
+        match self {
+            Op::Nearest => Some(UpMode::Nearest),
+            Op::Bilinear => Some(UpMode::Bilinear),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::None => "none",
+            Op::Identity => "identity",
+            Op::Nearest => "nearest",
+            Op::Bilinear => "bilinear",
+            Op::Conv1x1 => "conv1x1",
+            Op::Conv3x3 => "conv3x3",
+            Op::Conv5x5 => "conv5x5",
+            Op::DilConv3x3 => "dil_conv3x3",
+            Op::DilConv5x5 => "dil_conv5x5",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EdgeKind {
+    Up,
+    Normal,
+    Cross,
+}
+
+impl EdgeKind {
+    pub fn candidates(self) -> &'static [Op] {
+        match self {
+            EdgeKind::Up => &[Op::Nearest, Op::Bilinear],
+            EdgeKind::Normal => &[
+                Op::None,
+                Op::Identity,
+                Op::Conv1x1,
+                Op::Conv3x3,
+                Op::Conv5x5,
+                Op::DilConv3x3,
+                Op::DilConv5x5,
+            ],
+            EdgeKind::Cross => &[Op::None, Op::Nearest, Op::Bilinear],
+        }
+    }
+}
+
+/// Where an edge starts: the cell input, a node of this cell, or a node of the previous cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Src {
+    Input,
+    Node(usize),
+    Prev(usize),
+}
+
+impl fmt::Display for Src {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Src::Input => write!(f, "in"),
+            Src::Node(i) => write!(f, "n{i}"),
+            Src::Prev(i) => write!(f, "prev.n{i}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeDef {
+    pub kind: EdgeKind,
+    pub from: Src,
+    /// Node index in this cell (0..=3).
+    pub to: usize,
+}
+
+impl EdgeDef {
+    /// "n0->n2", "prev.n1->n3": the edge's name in genotypes and logs.
+    pub fn name(&self) -> String {
+        format!("{}->n{}", self.from, self.to)
+    }
+}
+
+pub const CELLS: usize = 3;
+
+/// The edges of cell `k` (0-based), in a fixed order.
+pub fn cell_edges(k: usize) -> Vec<EdgeDef> {
+    let e = |kind, from, to| EdgeDef { kind, from, to };
+    let mut v = vec![
+        e(EdgeKind::Up, Src::Input, 0),
+        e(EdgeKind::Up, Src::Input, 1),
+        e(EdgeKind::Normal, Src::Node(0), 2),
+        e(EdgeKind::Normal, Src::Node(1), 2),
+        e(EdgeKind::Normal, Src::Node(0), 3),
+        e(EdgeKind::Normal, Src::Node(1), 3),
+        e(EdgeKind::Normal, Src::Node(2), 3),
+    ];
+    if k > 0 {
+        for to in [2, 3] {
+            for p in 0..3 {
+                v.push(e(EdgeKind::Cross, Src::Prev(p), to));
+            }
+        }
+    }
+    v
+}
+
+/// One edge of a derived architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeChoice {
+    /// "n0->n2" (see [`EdgeDef::name`]).
+    pub edge: String,
+    pub op: Op,
+}
+
+/// A derived architecture: one op per edge of every cell, and the width it was searched at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Genotype {
+    /// Channels of every cell (64 x the scale factor).
+    pub width: usize,
+    pub cells: Vec<Vec<EdgeChoice>>,
+}
+
+impl Genotype {
+    /// Reads and validates a genotype JSON file.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read genotype", path.display()))?;
+        let g: Genotype = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a genotype JSON file", path.display()))?;
+        g.ops()
+            .with_context(|| format!("{}: invalid genotype", path.display()))?;
+        Ok(g)
+    }
+
+    /// The op of every edge, by cell, checked against the search space.
+    pub fn ops(&self) -> Result<Vec<Vec<Op>>> {
+        ensure!(self.width > 0, "width must be positive");
+        ensure!(
+            self.cells.len() == CELLS,
+            "{} cells, the search space has {CELLS}",
+            self.cells.len()
+        );
+        let mut out = Vec::new();
+        for (k, cell) in self.cells.iter().enumerate() {
+            let defs = cell_edges(k);
+            ensure!(
+                cell.len() == defs.len(),
+                "cell {k} has {} edges, expected {}",
+                cell.len(),
+                defs.len()
+            );
+            let mut ops = Vec::new();
+            for (c, d) in cell.iter().zip(&defs) {
+                ensure!(
+                    c.edge == d.name(),
+                    "cell {k}: edge '{}' where '{}' was expected",
+                    c.edge,
+                    d.name()
+                );
+                ensure!(
+                    d.kind.candidates().contains(&c.op),
+                    "cell {k} edge {}: '{}' is not a {:?} op (one of {:?})",
+                    c.edge,
+                    c.op,
+                    d.kind,
+                    d.kind.candidates()
+                );
+                ops.push(c.op);
+            }
+            for node in [2, 3] {
+                ensure!(
+                    defs.iter()
+                        .zip(&ops)
+                        .any(|(d, &o)| d.to == node && o != Op::None),
+                    "cell {k}: node n{node} has no input (every edge into it is none)"
+                );
+            }
+            out.push(ops);
+        }
+        Ok(out)
+    }
+
+    /// The derivation rule: argmax of `probs` (per cell, per edge, over its candidates) on every
+    /// edge; a node left without inputs gets its strongest non-none edge.
+    pub fn derive(width: usize, probs: &[Vec<Vec<f32>>]) -> Result<Self> {
+        ensure!(probs.len() == CELLS, "expected {CELLS} cells of weights");
+        let argmax = |p: &[f32], skip_none: bool, cands: &[Op]| -> (usize, f32) {
+            p.iter()
+                .enumerate()
+                .filter(|(i, _)| !(skip_none && cands[*i] == Op::None))
+                .fold(
+                    (usize::MAX, f32::MIN),
+                    |b, (i, &v)| {
+                        if v > b.1 { (i, v) } else { b }
+                    },
+                )
+        };
+        let mut cells = Vec::new();
+        for (k, cell) in probs.iter().enumerate() {
+            let defs = cell_edges(k);
+            ensure!(cell.len() == defs.len(), "cell {k}: wrong number of edges");
+            let mut pick: Vec<usize> = cell
+                .iter()
+                .zip(&defs)
+                .map(|(p, d)| argmax(p, false, d.kind.candidates()).0)
+                .collect();
+            for node in [2, 3] {
+                let into: Vec<usize> = (0..defs.len()).filter(|&e| defs[e].to == node).collect();
+                if into
+                    .iter()
+                    .all(|&e| defs[e].kind.candidates()[pick[e]] == Op::None)
+                {
+                    let (e, (i, _)) = into
+                        .iter()
+                        .map(|&e| (e, argmax(&cell[e], true, defs[e].kind.candidates())))
+                        .fold((0, (0, f32::MIN)), |b, c| if c.1.1 > b.1.1 { c } else { b });
+                    pick[e] = i;
+                }
+            }
+            cells.push(
+                defs.iter()
+                    .zip(pick)
+                    .map(|(d, i)| EdgeChoice {
+                        edge: d.name(),
+                        op: d.kind.candidates()[i],
+                    })
+                    .collect(),
+            );
+        }
+        Ok(Genotype { width, cells })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AutoReconConfig {
+    pub latent: usize,
+    pub classes: usize,
+    pub channels: usize,
+    pub size: usize,
+    pub width: usize,
+}
+
+struct Cand {
+    op: Op,
+    /// Per-class gamma/beta of the pre-activation CBN (conv ops).
+    bn: Option<(Tensor, Tensor)>,
+    conv: Option<(Tensor, Conv2dSpec)>,
+}
+
+struct Edge {
+    def: EdgeDef,
+    cands: Vec<Cand>,
+}
+
+/// How an edge mixes its candidates in one forward pass.
+pub enum Mix {
+    /// Only candidate `i`, weight 1 (a derived edge, or a hard sample without gradient).
+    One(usize),
+    /// sum_i w_i op_i(x), `w` a vector over the edge's candidates.
+    Weights(Tensor),
+}
+
+pub struct AutoReconGenerator {
+    pub cfg: AutoReconConfig,
+    pub params: Params,
+    linears: Vec<(Tensor, Tensor)>,
+    cells: Vec<Vec<Edge>>,
+    out_bn: (Tensor, Tensor),
+    out_conv: (Tensor, Tensor),
+}
+
+const EPS: f64 = 1e-5;
+
+impl AutoReconGenerator {
+    /// The supernet: every candidate on every edge.
+    pub fn supernet(cfg: AutoReconConfig, device: &Device, seed: u64) -> Result<Self> {
+        let all: Vec<Vec<Vec<Op>>> = (0..CELLS)
+            .map(|k| {
+                cell_edges(k)
+                    .iter()
+                    .map(|d| d.kind.candidates().to_vec())
+                    .collect()
+            })
+            .collect();
+        Self::build(cfg, &all, device, seed)
+    }
+
+    /// The generator a genotype describes (width from the genotype).
+    pub fn derived(
+        genotype: &Genotype,
+        (latent, classes, channels, size): (usize, usize, usize, usize),
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let ops = genotype.ops()?;
+        let one: Vec<Vec<Vec<Op>>> = ops
+            .iter()
+            .map(|c| c.iter().map(|&o| vec![o]).collect())
+            .collect();
+        let cfg = AutoReconConfig {
+            latent,
+            classes,
+            channels,
+            size,
+            width: genotype.width,
+        };
+        Self::build(cfg, &one, device, seed)
+    }
+
+    fn build(
+        cfg: AutoReconConfig,
+        ops: &[Vec<Vec<Op>>],
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        ensure!(
+            cfg.size.is_multiple_of(8) && cfg.size >= 8,
+            "the AutoReCon generator needs an image size divisible by 8, got {}",
+            cfg.size
+        );
+        ensure!(
+            cfg.latent >= CELLS,
+            "latent size {} is smaller than the number of cells",
+            cfg.latent
+        );
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let mut p = Params::new(device);
+        let (w, classes) = (cfg.width, cfg.classes);
+        let fan = |n: usize| 1.0 / (n as f64).sqrt();
+        let cbn = |p: &mut Params, name: &str, c: usize| -> Result<(Tensor, Tensor)> {
+            Ok((
+                p.constant(&format!("{name}.weight"), &[classes, c], 1.0)?,
+                p.constant(&format!("{name}.bias"), &[classes, c], 0.0)?,
+            ))
+        };
+        let mut linears = Vec::new();
+        for (k, &part) in latent_parts(cfg.latent).iter().enumerate() {
+            let s = (cfg.size / 8) << k;
+            linears.push((
+                p.uniform(
+                    &format!("l{k}.weight"),
+                    &[w * s * s, part],
+                    fan(part),
+                    &mut r,
+                )?,
+                p.uniform(&format!("l{k}.bias"), &[w * s * s], fan(part), &mut r)?,
+            ));
+        }
+        let mut cells = Vec::new();
+        for (k, cell_ops) in ops.iter().enumerate() {
+            let defs = cell_edges(k);
+            ensure!(
+                cell_ops.len() == defs.len(),
+                "cell {k}: wrong number of edges"
+            );
+            let mut edges = Vec::new();
+            for (d, cands) in defs.iter().zip(cell_ops) {
+                let mut cs = Vec::new();
+                for &op in cands {
+                    let prefix = format!("cell{k}.{}.{}", d.name(), op.name());
+                    let conv_def = match (d.kind, op) {
+                        (EdgeKind::Up, _) => Some((1, 1)),
+                        (EdgeKind::Normal, o) => o.conv(),
+                        _ => None,
+                    };
+                    let (bn, conv) = match conv_def {
+                        Some((kk, dil)) => (
+                            Some(cbn(&mut p, &format!("{prefix}.bn"), w)?),
+                            Some((
+                                p.uniform(
+                                    &format!("{prefix}.conv.weight"),
+                                    &[w, w, kk, kk],
+                                    fan(w * kk * kk),
+                                    &mut r,
+                                )?,
+                                Conv2dSpec::uniform(dil * (kk - 1) / 2, 1, dil, 1),
+                            )),
+                        ),
+                        None => (None, None),
+                    };
+                    cs.push(Cand { op, bn, conv });
+                }
+                edges.push(Edge { def: *d, cands: cs });
+            }
+            cells.push(edges);
+        }
+        let out_bn = cbn(&mut p, "out.bn", w)?;
+        let out_conv = (
+            p.uniform(
+                "out.conv.weight",
+                &[cfg.channels, w, 3, 3],
+                fan(w * 9),
+                &mut r,
+            )?,
+            p.uniform("out.conv.bias", &[cfg.channels], fan(w * 9), &mut r)?,
+        );
+        Ok(AutoReconGenerator {
+            cfg,
+            params: p,
+            linears,
+            cells,
+            out_bn,
+            out_conv,
+        })
+    }
+
+    /// Candidates of every edge, by cell (all of the space for the supernet).
+    pub fn candidates(&self) -> Vec<Vec<Vec<Op>>> {
+        self.cells
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|e| e.cands.iter().map(|c| c.op).collect())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Images for latents `z` and labels, each edge mixed as `mix(cell, edge)` says.
+    pub fn forward_mixed(
+        &self,
+        z: &Tensor,
+        labels: &Tensor,
+        mix: &dyn Fn(usize, usize) -> Mix,
+    ) -> Result<Tensor> {
+        let n = z.dim(0)?;
+        let w = self.cfg.width;
+        let cbn = |xn: &Tensor, (g, b): &(Tensor, Tensor)| -> Result<Tensor> {
+            let c = xn.dim(1)?;
+            let g = g.index_select(labels, 0)?.reshape((n, c, 1, 1))?;
+            let b = b.index_select(labels, 0)?.reshape((n, c, 1, 1))?;
+            Ok(xn.broadcast_mul(&g)?.broadcast_add(&b)?)
+        };
+        let mut prev: Option<Vec<Tensor>> = None;
+        let mut h: Option<Tensor> = None;
+        let mut offset = 0;
+        for (k, (edges, part)) in self
+            .cells
+            .iter()
+            .zip(latent_parts(self.cfg.latent))
+            .enumerate()
+        {
+            let s = (self.cfg.size / 8) << k;
+            let (lw, lb) = &self.linears[k];
+            let inj = z
+                .narrow(1, offset, part)?
+                .matmul(&lw.t()?)?
+                .broadcast_add(lb)?
+                .reshape((n, w, s, s))?;
+            offset += part;
+            let input = match h.take() {
+                Some(h) => (h + inj)?,
+                None => inj,
+            };
+            let mut nodes: Vec<Option<Tensor>> = vec![None; 4];
+            // Edges are ordered so every source is complete before it is used.
+            for (e, edge) in edges.iter().enumerate() {
+                let x = match edge.def.from {
+                    Src::Input => input.clone(),
+                    Src::Node(i) => match &nodes[i] {
+                        Some(t) => t.clone(),
+                        None => Tensor::zeros((n, w, 2 * s, 2 * s), z.dtype(), z.device())?,
+                    },
+                    Src::Prev(i) => {
+                        prev.as_ref().context("cross edge in the first cell")?[i].clone()
+                    }
+                };
+                let mix = mix(k, e);
+                // The normalisation is shared by the edge's candidates; only the per-class
+                // affine differs (identical to one CBN per candidate).
+                let needs_bn = edge.def.kind == EdgeKind::Normal
+                    && match &mix {
+                        Mix::One(i) => edge.cands[*i].bn.is_some(),
+                        Mix::Weights(_) => edge.cands.iter().any(|c| c.bn.is_some()),
+                    };
+                let xn = if needs_bn {
+                    Some(batch_norm(&x, None, EPS)?)
+                } else {
+                    None
+                };
+                let run = |c: &Cand| -> Result<Option<Tensor>> {
+                    Ok(match (edge.def.kind, c.op) {
+                        (_, Op::None) => None,
+                        (_, Op::Identity) => Some(x.clone()),
+                        (EdgeKind::Up, op) => {
+                            let u = upsample2d(&x, 2, op.up().expect("up op"))?;
+                            let un = batch_norm(&u, None, EPS)?;
+                            let a = leaky_relu(&cbn(&un, c.bn.as_ref().expect("bn"))?, 0.2)?;
+                            let (cw, spec) = c.conv.as_ref().expect("conv");
+                            Some(conv2d(&a, cw, *spec)?)
+                        }
+                        (EdgeKind::Cross, op) => Some(upsample2d(&x, 2, op.up().expect("up op"))?),
+                        (EdgeKind::Normal, _) => {
+                            let xn = xn.as_ref().expect("normalised input");
+                            let a = leaky_relu(&cbn(xn, c.bn.as_ref().expect("bn"))?, 0.2)?;
+                            let (cw, spec) = c.conv.as_ref().expect("conv");
+                            Some(conv2d(&a, cw, *spec)?)
+                        }
+                    })
+                };
+                let out = match mix {
+                    Mix::One(i) => run(&edge.cands[i])?,
+                    Mix::Weights(wt) => {
+                        let mut acc: Option<Tensor> = None;
+                        for (i, c) in edge.cands.iter().enumerate() {
+                            if let Some(o) = run(c)? {
+                                let o =
+                                    o.broadcast_mul(&wt.narrow(0, i, 1)?.reshape((1, 1, 1, 1))?)?;
+                                acc = Some(match acc {
+                                    Some(a) => (a + o)?,
+                                    None => o,
+                                });
+                            }
+                        }
+                        acc
+                    }
+                };
+                if let Some(o) = out {
+                    let t = edge.def.to;
+                    nodes[t] = Some(match nodes[t].take() {
+                        Some(a) => (a + o)?,
+                        None => o,
+                    });
+                }
+            }
+            let nodes: Vec<Tensor> = nodes
+                .into_iter()
+                .map(|t| match t {
+                    Some(t) => Ok(t),
+                    None => Ok(Tensor::zeros((n, w, 2 * s, 2 * s), z.dtype(), z.device())?),
+                })
+                .collect::<Result<_>>()?;
+            h = Some(nodes[3].clone());
+            prev = Some(nodes);
+        }
+        let h = h.expect("three cells");
+        let h = leaky_relu(&cbn(&batch_norm(&h, None, EPS)?, &self.out_bn)?, 0.2)?;
+        let h = conv2d(&h, &self.out_conv.0, Conv2dSpec::uniform(1, 1, 1, 1))?;
+        let ones = Tensor::ones(self.cfg.channels, h.dtype(), h.device())?;
+        let h = crate::kernels::channel_affine(&h, &ones, &self.out_conv.1)?.tanh()?;
+        batch_norm(&h, None, EPS)
+    }
+
+    /// Multiply-accumulates per image of every conv and linear (all candidates in a supernet).
+    pub fn macs_per_image(&self) -> u64 {
+        let w = self.cfg.width as u64;
+        let mut m = 0u64;
+        for (k, (edges, part)) in self
+            .cells
+            .iter()
+            .zip(latent_parts(self.cfg.latent))
+            .enumerate()
+        {
+            let s = ((self.cfg.size / 8) << k) as u64;
+            m += part as u64 * w * s * s;
+            for e in edges {
+                for c in &e.cands {
+                    if let Some((cw, _)) = &c.conv {
+                        let kk = cw.dim(2).unwrap_or(1) as u64;
+                        m += w * w * kk * kk * 4 * s * s;
+                    }
+                }
+            }
+        }
+        let size = self.cfg.size as u64;
+        m + self.cfg.channels as u64 * w * 9 * size * size
+    }
+}
+
+impl Generator for AutoReconGenerator {
+    fn latent(&self) -> usize {
+        self.cfg.latent
+    }
+    fn image(&self) -> (usize, usize) {
+        (self.cfg.channels, self.cfg.size)
+    }
+    /// A derived generator's forward pass (candidate 0 on every edge).
+    fn forward(&self, z: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        if self.cells.iter().flatten().any(|e| e.cands.len() != 1) {
+            bail!("a supernet needs architecture weights: use forward_mixed");
+        }
+        self.forward_mixed(z, labels, &|_, _| Mix::One(0))
+    }
+    fn params(&self) -> &Params {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+    fn macs_per_image(&self) -> u64 {
+        AutoReconGenerator::macs_per_image(self)
+    }
+}
+
+/// The latent split across cells: 100 -> 33, 33, 34.
+pub fn latent_parts(latent: usize) -> [usize; CELLS] {
+    let a = latent / CELLS;
+    [a, a, latent - 2 * a]
+}
