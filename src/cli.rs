@@ -493,29 +493,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 log_every,
                 stop_after,
             };
-            if !json {
-                eprintln!(
-                    "search: {} epochs x {} iterations, batch {}, width {}, {:?} sampling",
-                    cfg.epochs, cfg.iters_per_epoch, cfg.batch, cfg.width, cfg.sampling
-                );
-            }
-            let pb = eval::progress_iters(cfg.total_iters(), "search");
-            let (_, report) = crate::search::search(
+            let quiet = json;
+            let (_, report) = crate::compress::run_search(
                 &tp,
                 &teacher.display().to_string(),
                 classes,
                 (c, h),
                 cfg,
                 &io,
-                &mut |l, _| {
-                    pb.set_position(l.iter as u64 + 1);
-                    pb.set_message(format!(
-                        "search ep {} tau {:.2} CE {:.3}/{:.3} BNS {:.3}/{:.3}",
-                        l.epoch, l.tau, l.weight_ce, l.arch_ce, l.weight_bns, l.arch_bns
-                    ));
+                &mut |m| {
+                    if !quiet {
+                        eprintln!("{m}");
+                    }
                 },
             )?;
-            pb.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

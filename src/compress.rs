@@ -700,15 +700,20 @@ fn run_gdfq(
                     .as_ref()
                     .map(|r| r.join("search"))
                     .filter(|d| crate::io::find_checkpoint(d).is_some());
+                let io = crate::search::SearchIo {
+                    out: &dir,
+                    resume: resume.as_deref(),
+                    checkpoint_every: opts.autorecon.search.search_checkpoint_every,
+                    log_every: 10,
+                    stop_after: None,
+                };
                 let (g, rep) = run_search(
                     &tp,
                     &teacher.path.display().to_string(),
                     classes,
                     (channels, size),
                     scfg,
-                    &dir,
-                    resume.as_deref(),
-                    opts.autorecon.search.search_checkpoint_every,
+                    &io,
                     log,
                 )?;
                 search_report = Some(rep);
@@ -885,17 +890,14 @@ pub fn classes(
     })
 }
 
-/// Runs an AutoReCon search into `dir` with a progress bar; returns the genotype.
-#[allow(clippy::too_many_arguments)]
+/// Runs an AutoReCon search into `io.out` with a progress bar; returns the genotype.
 pub fn run_search(
     teacher: &crate::lower::Program,
     teacher_name: &str,
     classes: usize,
     image: (usize, usize),
     cfg: SearchConfig,
-    dir: &Path,
-    resume: Option<&Path>,
-    checkpoint_every: usize,
+    io: &crate::search::SearchIo,
     log: &mut dyn FnMut(&str),
 ) -> Result<(crate::generator::Genotype, SearchReport)> {
     log(&format!(
@@ -907,23 +909,17 @@ pub fn run_search(
         cfg.sampling,
         cfg.tau.0,
         cfg.tau.1,
-        resume.map_or(String::new(), |r| format!(" (resuming {})", r.display()))
+        io.resume
+            .map_or(String::new(), |r| format!(" (resuming {})", r.display()))
     ));
     let pb = crate::verify::eval::progress_iters(cfg.total_iters(), "search");
-    let io = crate::search::SearchIo {
-        out: dir,
-        resume,
-        checkpoint_every,
-        log_every: 10,
-        stop_after: None,
-    };
     let r = crate::search::search(
         teacher,
         teacher_name,
         classes,
         image,
         cfg,
-        &io,
+        io,
         &mut |l, _| {
             pb.set_position(l.iter as u64 + 1);
             pb.set_message(format!(
@@ -935,7 +931,7 @@ pub fn run_search(
     pb.finish_and_clear();
     log(&format!(
         "search: genotype in {} ({:.0} s, peak {} MB)",
-        dir.join("genotype.json").display(),
+        io.out.join("genotype.json").display(),
         r.1.seconds,
         r.1.peak_rss_mb.map_or("?".into(), |m| format!("{m:.0}"))
     ));

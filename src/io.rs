@@ -63,6 +63,27 @@ pub fn find_checkpoint(dir: &Path) -> Option<std::path::PathBuf> {
         .find(|p| p.join("state.json").exists())
 }
 
+/// The lines of a JSONL log (e.g. `run/metrics.jsonl`) a resumed run keeps: those that parse as
+/// `T` and pass `keep`, as written (re-printing parsed floats could change last digits), with
+/// their parsed values. A missing file keeps nothing.
+pub fn kept_log_lines<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    keep: impl Fn(&T) -> bool,
+) -> std::io::Result<(Vec<u8>, Vec<T>)> {
+    let (mut bytes, mut values) = (Vec::new(), Vec::new());
+    if let Ok(text) = fs::read_to_string(path) {
+        for line in text.lines() {
+            if let Ok(v) = serde_json::from_str::<T>(line)
+                && keep(&v)
+            {
+                writeln!(bytes, "{line}")?;
+                values.push(v);
+            }
+        }
+    }
+    Ok((bytes, values))
+}
+
 /// Peak resident memory of this process in MB (Linux; None elsewhere).
 pub fn peak_rss_mb() -> Option<f64> {
     let s = fs::read_to_string("/proc/self/status").ok()?;

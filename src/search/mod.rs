@@ -439,16 +439,8 @@ pub fn search(
         })?;
         (start, elapsed0) = s.load(&dir)?;
         resumed_from = Some(start);
-        if let Ok(text) = std::fs::read_to_string(from.join("alpha.jsonl")) {
-            for line in text.lines() {
-                if let Ok(m) = serde_json::from_str::<SearchLog>(line)
-                    && m.iter < start
-                {
-                    writeln!(kept, "{line}")?;
-                    history.push(m);
-                }
-            }
-        }
+        (kept, history) =
+            crate::io::kept_log_lines(&from.join("alpha.jsonl"), |m: &SearchLog| m.iter < start)?;
     }
     crate::io::write_atomic(&log_path, &kept)?;
     let mut log_file = std::fs::OpenOptions::new().append(true).open(&log_path)?;

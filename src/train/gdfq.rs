@@ -506,18 +506,9 @@ pub fn train(
         })?;
         (start, elapsed0) = run.load(&dir)?;
         resumed_from = Some(start);
-        // Keep the metrics up to the checkpoint (the lines as written: re-printing parsed
-        // floats could change last digits); later lines are about to be recomputed.
-        if let Ok(text) = std::fs::read_to_string(from.join("metrics.jsonl")) {
-            for line in text.lines() {
-                if let Ok(m) = serde_json::from_str::<Metrics>(line)
-                    && m.iter < start
-                {
-                    writeln!(log, "{line}")?;
-                    history.push(m);
-                }
-            }
-        }
+        // Keep the metrics up to the checkpoint; later lines are about to be recomputed.
+        (log, history) =
+            crate::io::kept_log_lines(&from.join("metrics.jsonl"), |m: &Metrics| m.iter < start)?;
     }
     crate::io::write_atomic(&metrics_path, &log)?;
     let mut metrics_file = std::fs::OpenOptions::new()
