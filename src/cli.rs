@@ -117,12 +117,14 @@ pub enum Command {
         /// Output folder (refused when not empty, unless --force or --resume DIR).
         #[arg(long)]
         out: PathBuf,
+        /// Search into a non-empty --out (its files are replaced).
         #[arg(long)]
         force: bool,
         /// Budget: `quick` (width 16, batch 32, 10 x 100 iterations, hard sampling: about 30
         /// min on 2 CPU cores for a CIFAR ResNet-20) or `paper` (width 64, batch 64, 100 x 100).
         #[arg(long, value_enum, default_value_t = crate::search::SearchPreset::Quick)]
         preset: crate::search::SearchPreset,
+        /// Seed of the supernet's initialisation, alpha, latents, labels and Gumbel noise.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[command(flatten)]

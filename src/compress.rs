@@ -113,10 +113,13 @@ pub struct AutoreconArgs {
 /// Budget and settings of the AutoReCon search (unset values take the preset's).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SearchArgs {
+    /// Search epochs (the temperature decays over all of them).
     #[arg(long)]
     pub search_epochs: Option<usize>,
+    /// Iterations per search epoch; each is one weight step and one architecture step.
     #[arg(long)]
     pub search_iters_per_epoch: Option<usize>,
+    /// Generated images per search step.
     #[arg(long)]
     pub search_batch: Option<usize>,
     /// Channels of every supernet cell (64 x the paper's scale factor s).
@@ -134,6 +137,7 @@ pub struct SearchArgs {
     /// Adam learning rate of the architecture weights alpha.
     #[arg(long)]
     pub arch_lr: Option<f64>,
+    /// L2 weight decay of the architecture weights (Adam).
     #[arg(long)]
     pub arch_weight_decay: Option<f64>,
     /// Write a resumable search checkpoint every N iterations.

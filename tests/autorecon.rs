@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use candle_core::{Device, Tensor};
+use candle_core::{D, Device, Tensor, Var};
+use candle_nn::ops::softmax;
 use datafree::generator::autorecon::{
     AutoReconConfig, AutoReconGenerator, CELLS, EdgeKind, Mix, Op, cell_edges,
 };
@@ -113,6 +114,68 @@ fn supernet_with_a_one_hot_architecture_is_the_derived_generator() {
             .iter()
             .all(|v| v.is_finite())
     );
+}
+
+#[test]
+fn every_architecture_weight_reaches_the_images() {
+    // Each edge's output must flow into the image: a gradient to every edge's weights (an edge
+    // added to a node after the node was read would get none).
+    let cfg = AutoReconConfig {
+        latent: 12,
+        classes: 3,
+        channels: 3,
+        size: 16,
+        width: 6,
+    };
+    let dev = Device::Cpu;
+    let net = AutoReconGenerator::supernet(cfg, &dev, 5).unwrap();
+    let alpha: Vec<Vec<Var>> = net
+        .candidates()
+        .iter()
+        .map(|c| {
+            c.iter()
+                .map(|o| {
+                    let v: Vec<f32> = (0..o.len()).map(|i| i as f32 * 0.01).collect();
+                    Var::from_tensor(&Tensor::from_vec(v, o.len(), &dev).unwrap()).unwrap()
+                })
+                .collect()
+        })
+        .collect();
+    let z = Tensor::from_vec(
+        (0..8 * 12)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect(),
+        (8, 12),
+        &dev,
+    )
+    .unwrap();
+    let y = Tensor::new(&[0u32, 2, 1, 2, 0, 1, 1, 0], &dev).unwrap();
+    let img = net
+        .forward_mixed(&z, &y, &|k, e| {
+            Mix::Weights(softmax(alpha[k][e].as_tensor(), D::Minus1).unwrap())
+        })
+        .unwrap();
+    let target: Vec<f32> = (0..img.elem_count())
+        .map(|i| ((i * 7919 % 13) as f32 - 6.0) / 6.0)
+        .collect();
+    let target = Tensor::from_vec(target, img.dims(), &dev).unwrap();
+    let loss = (img - target).unwrap().sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    for (k, cell) in alpha.iter().enumerate() {
+        for (d, a) in cell_edges(k).iter().zip(cell) {
+            let g = grads
+                .get(a.as_tensor())
+                .unwrap_or_else(|| panic!("cell {k} edge {}: no gradient", d.name()));
+            let n = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 1e-7, "cell {k} edge {}: gradient {n}", d.name());
+        }
+    }
 }
 
 #[test]

@@ -142,20 +142,19 @@ impl EdgeDef {
 
 pub const CELLS: usize = 3;
 
-/// The edges of cell `k` (0-based), in a fixed order.
+/// The edges of cell `k` (0-based), grouped by target node, so a forward pass in this order
+/// completes every node before an edge reads it.
 pub fn cell_edges(k: usize) -> Vec<EdgeDef> {
     let e = |kind, from, to| EdgeDef { kind, from, to };
     let mut v = vec![
         e(EdgeKind::Up, Src::Input, 0),
         e(EdgeKind::Up, Src::Input, 1),
-        e(EdgeKind::Normal, Src::Node(0), 2),
-        e(EdgeKind::Normal, Src::Node(1), 2),
-        e(EdgeKind::Normal, Src::Node(0), 3),
-        e(EdgeKind::Normal, Src::Node(1), 3),
-        e(EdgeKind::Normal, Src::Node(2), 3),
     ];
-    if k > 0 {
-        for to in [2, 3] {
+    for to in [2, 3] {
+        for i in 0..to {
+            v.push(e(EdgeKind::Normal, Src::Node(i), to));
+        }
+        if k > 0 {
             for p in 0..3 {
                 v.push(e(EdgeKind::Cross, Src::Prev(p), to));
             }
@@ -513,7 +512,7 @@ impl AutoReconGenerator {
                 None => inj,
             };
             let mut nodes: Vec<Option<Tensor>> = vec![None; 4];
-            // Edges are ordered so every source is complete before it is used.
+            // `cell_edges` orders edges by target node: every source is complete when read.
             for (e, edge) in edges.iter().enumerate() {
                 let x = match edge.def.from {
                     Src::Input => input.clone(),
