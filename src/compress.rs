@@ -106,6 +106,9 @@ pub struct AutoreconArgs {
     /// instead of training it from scratch.
     #[arg(long)]
     pub inherit_weights: bool,
+    /// Stop with an error after N search iterations, as if killed (tests resume).
+    #[arg(long, hide = true)]
+    pub search_stop_after: Option<usize>,
     #[command(flatten)]
     pub search: SearchArgs,
 }
@@ -709,7 +712,7 @@ fn run_gdfq(
                     resume: resume.as_deref(),
                     checkpoint_every: opts.autorecon.search.search_checkpoint_every,
                     log_every: 10,
-                    stop_after: None,
+                    stop_after: opts.autorecon.search_stop_after,
                 };
                 let (g, rep) = run_search(
                     &tp,
@@ -809,7 +812,11 @@ fn run_gdfq(
     let eval_ref: &gdfq::EvalFn = &eval_fn;
     let io = gdfq::Io {
         out,
-        resume: opts.gdfq.resume.as_deref(),
+        // An AutoReCon run killed during its search has no GDFQ checkpoint yet: its stage
+        // starts fresh after the resumed search.
+        resume: opts.gdfq.resume.as_deref().filter(|r| {
+            opts.method != Method::Autorecon || crate::io::find_checkpoint(r).is_some()
+        }),
         checkpoint_every: opts.gdfq.checkpoint_every,
         grid_every: opts.gdfq.grid_every,
         denorm: data.map(|(_, p)| (p.mean.to_vec(), p.std.to_vec())),

@@ -396,7 +396,7 @@ fn search_is_deterministic_resumes_bit_for_bit_and_feeds_compress() {
 fn compress_autorecon_without_a_genotype_searches_first() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
-    let o = datafree(&[
+    let args = vec![
         "compress",
         QUICKSTART,
         "--bits",
@@ -426,12 +426,33 @@ fn compress_autorecon_without_a_genotype_searches_first() {
         "--out",
         out.to_str().unwrap(),
         "--json",
-    ]);
+        "--search-checkpoint-every",
+        "1",
+    ];
+    let o = datafree(&args);
     ok(&o);
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(out.join("search/genotype.json").exists() && out.join("search/genotype.svg").exists());
     assert_eq!(r["gdfq"]["search"]["config"]["width"], 4);
     assert_eq!(r["gdfq"]["config"]["genotype"]["width"], 8);
+    // Killed during the search, resumed: the same student as the uninterrupted run.
+    let k = tmp.path().join("k");
+    let mut args = args.clone();
+    let at = args
+        .iter()
+        .position(|a| *a == out.to_str().unwrap())
+        .unwrap();
+    args[at] = k.to_str().unwrap();
+    let crashed = datafree(&[args.as_slice(), &["--search-stop-after", "1"]].concat());
+    assert!(!crashed.status.success());
+    assert!(!k.join("student.onnx").exists());
+    ok(&datafree(
+        &[args.as_slice(), &["--resume", k.to_str().unwrap()]].concat(),
+    ));
+    assert_eq!(
+        std::fs::read(out.join("student.onnx")).unwrap(),
+        std::fs::read(k.join("student.onnx")).unwrap()
+    );
     // A BN-folded teacher cannot be searched for.
     let folded = concat!(
         env!("CARGO_MANIFEST_DIR"),
