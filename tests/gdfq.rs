@@ -305,3 +305,29 @@ fn the_generator_emits_normalised_images_and_is_seeded() {
         x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
 }
+
+#[test]
+fn the_generator_flag_picks_the_generator() {
+    use datafree::train::gdfq::{Config, GeneratorFamily, Preset, build_generator};
+    let mut cfg = Config::preset(Preset::Quick, 0);
+    let names = |cfg: &Config| -> Vec<String> {
+        build_generator(cfg, 10, (3, 32))
+            .unwrap()
+            .params()
+            .named()
+            .map(|(n, _)| n.clone())
+            .collect()
+    };
+    let cifar = names(&cfg);
+    assert!(cifar.contains(&"label_emb".to_string()));
+    cfg.generator = GeneratorFamily::GdfqImagenet;
+    let imagenet = names(&cfg);
+    assert!(!imagenet.contains(&"label_emb".to_string()));
+    assert!(imagenet.contains(&"bn_out.weight".to_string()));
+    cfg.generator = GeneratorFamily::Autorecon;
+    let err = build_generator(&cfg, 10, (3, 32))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("genotype"), "{err}");
+}
