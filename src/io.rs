@@ -84,6 +84,29 @@ pub fn kept_log_lines<T: serde::de::DeserializeOwned>(
     Ok((bytes, values))
 }
 
+/// Reads a checkpoint's `state.json` and refuses it when its settings (`config` of the state)
+/// differ from `expected`: resuming must continue the same run.
+pub fn read_checkpoint_state<S, C>(
+    dir: &Path,
+    expected: &C,
+    config: impl Fn(&S) -> &C,
+) -> anyhow::Result<S>
+where
+    S: serde::de::DeserializeOwned,
+    C: PartialEq + std::fmt::Debug,
+{
+    use anyhow::Context;
+    let state: S = serde_json::from_slice(&fs::read(dir.join("state.json"))?)
+        .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
+    anyhow::ensure!(
+        config(&state) == expected,
+        "{}: the checkpoint was made with different settings ({:?}); resume with the same flags",
+        dir.display(),
+        config(&state)
+    );
+    Ok(state)
+}
+
 /// Peak resident memory of this process in MB (Linux; None elsewhere).
 pub fn peak_rss_mb() -> Option<f64> {
     let s = fs::read_to_string("/proc/self/status").ok()?;

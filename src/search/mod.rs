@@ -312,14 +312,8 @@ impl Search {
     }
 
     fn load(&mut self, dir: &Path) -> Result<(usize, f64)> {
-        let state: Checkpoint = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
-            .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
-        ensure!(
-            state.config == self.cfg,
-            "{}: the checkpoint was made with different settings ({:?}); resume with the same flags",
-            dir.display(),
-            state.config
-        );
+        let state: Checkpoint =
+            crate::io::read_checkpoint_state(dir, &self.cfg, |s: &Checkpoint| &s.config)?;
         self.net.params.load(&dir.join("supernet.safetensors"))?;
         let alpha = load_tensors(&dir.join("alpha.safetensors"), &Device::Cpu)?;
         for (name, t) in self.alpha_named() {
@@ -407,8 +401,7 @@ pub fn search(
                 .collect::<Result<Vec<_>>>()
         })
         .collect::<Result<_>>()?;
-    let mut weight_opt = Adam::new(net.params.vars(), cfg.weight_lr, cfg.weight_betas);
-    weight_opt.weight_decay = 0.0;
+    let weight_opt = Adam::new(net.params.vars(), cfg.weight_lr, cfg.weight_betas);
     let mut arch_opt = Adam::new(
         alpha.iter().flatten().cloned().collect(),
         cfg.arch_lr,

@@ -338,14 +338,8 @@ impl Run<'_> {
     }
 
     fn load(&mut self, dir: &Path) -> Result<(usize, f64)> {
-        let state: Checkpoint = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
-            .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
-        ensure!(
-            state.config == self.cfg,
-            "{}: the checkpoint was made with different settings ({:?}); resume with the same flags",
-            dir.display(),
-            state.config
-        );
+        let state: Checkpoint =
+            crate::io::read_checkpoint_state(dir, &self.cfg, |s: &Checkpoint| &s.config)?;
         self.generator
             .params_mut()
             .load(&dir.join("generator.safetensors"))?;
