@@ -16,7 +16,7 @@ use crate::lower::lower;
 use crate::onnx::{self, LoadedModel};
 use crate::quant::calibrate::{self, Method, Ranges};
 use crate::quant::placement::{self, PlanOptions};
-use crate::quant::{BitSpec, QParams, WeightScheme};
+use crate::quant::{BitSpec, QParams, Scales, WeightScheme};
 use crate::search::{Sampling, SearchConfig, SearchPreset, SearchReport};
 use crate::train::gdfq::{
     self, Config as GdfqTrainConfig, GeneratorFamily, Metrics, Preset, RangeSource,
@@ -49,6 +49,11 @@ pub struct Options {
     /// Weight quantization (per output channel).
     #[arg(long, value_enum, default_value_t = WeightScheme::Symmetric)]
     pub weight_scheme: WeightScheme,
+    /// Scales: `exact` = power-of-two activation scales and weight scales with short
+    /// significands, so every engine computes bit-identical codes (no float rounding between
+    /// QuantizeLinear/DequantizeLinear); `free` = range / levels.
+    #[arg(long, value_enum, default_value_t = Scales::Exact)]
+    pub scales: Scales,
     /// Keep 8-bit weights on the full int8 range; by default they use +-63, because ONNX
     /// Runtime's x86 U8S8 kernels without VNNI saturate with full-range weights.
     #[arg(long)]
@@ -348,6 +353,9 @@ pub struct Report {
     pub bits: String,
     pub first_last_bits: Option<u8>,
     pub weight_scheme: WeightScheme,
+    pub scales: Scales,
+    /// Layers whose f32 arithmetic is not provably exact (see `Scales::Exact`).
+    pub inexact_layers: Vec<String>,
     pub bn: BnMode,
     pub bn_folded: usize,
     pub seed: u64,
@@ -537,7 +545,12 @@ pub fn compress(
         .map(|p| {
             (
                 p.tensor.clone(),
-                QParams::activation(ranges[&p.tensor].0, ranges[&p.tensor].1, p.bits),
+                QParams::activation(
+                    ranges[&p.tensor].0,
+                    ranges[&p.tensor].1,
+                    p.bits,
+                    opts.scales,
+                ),
             )
         })
         .collect();
@@ -560,12 +573,18 @@ pub fn compress(
             teacher.sha256.clone(),
         ),
     ];
-    let student = export::build_student(
+    let export::Student {
+        model: student,
+        inexact_layers,
+    } = export::build_student(
         &folded,
         &plan,
         &params,
-        opts.weight_scheme,
-        opts.int4_weights,
+        export::WeightOptions {
+            scheme: opts.weight_scheme,
+            scales: opts.scales,
+            int4: opts.int4_weights,
+        },
         &metadata,
     )?;
     let student_path = out.join("student.onnx");
@@ -630,6 +649,8 @@ pub fn compress(
         bits: opts.bits.to_string(),
         first_last_bits: opts.first_last_bits,
         weight_scheme: opts.weight_scheme,
+        scales: opts.scales,
+        inexact_layers,
         bn: opts.bn,
         bn_folded,
         seed: opts.seed,
@@ -833,7 +854,7 @@ fn run_gdfq(
         &mut sp,
         plan,
         &weight_names,
-        opts.weight_scheme,
+        (opts.weight_scheme, opts.scales),
         classes,
         (channels, size),
         cfg.clone(),

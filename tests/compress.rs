@@ -400,6 +400,71 @@ fn quickstart_end_to_end_meets_accuracy_floors() {
     }
 }
 
+/// `--scales exact` (the default): every float operation between QuantizeLinear and
+/// DequantizeLinear is exact in f32, so our simulation, ONNX Runtime (fused QLinearConv/QLinearAdd
+/// at 8 bits, float kernels behind Clip below 8) and tract give bit-identical logits. `--scales
+/// free` on the same student shows the difference is real: the engines then disagree in the low
+/// bits.
+#[test]
+fn exact_scales_give_bit_identical_logits_in_every_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = common::repo().join("onnx/quickstart.onnx");
+    for (bits, scales) in [
+        ("w8a8", "exact"),
+        ("w4a4", "exact"),
+        ("w5a6", "exact"),
+        ("w8a8", "free"),
+    ] {
+        let out = dir.path().join(format!("{bits}-{scales}"));
+        let r = compress(&t, &out, &["--bits", bits, "--scales", scales]);
+        let layers = r["layers"].as_array().unwrap().len();
+        let inexact = r["inexact_layers"].as_array().unwrap().len();
+        let sim = &r["verification_noise"]["simulation"]["Ok"];
+        let o = datafree(&[
+            "check",
+            out.join("student.onnx").to_str().unwrap(),
+            "--limit",
+            "64",
+            "--batch",
+            "32",
+            "--json",
+        ]);
+        let c: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stderr)));
+        let worst = c["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["max_abs"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        if scales == "exact" {
+            assert_eq!(inexact, 0, "{bits}: {}", r["inexact_layers"]);
+            assert_eq!(sim["max_abs_logit_diff"], 0.0, "{bits}: {sim}");
+            assert_eq!(
+                worst, 0.0,
+                "{bits}: candle/ORT/tract differ: {}",
+                c["pairs"]
+            );
+            for a in r["activations"].as_array().unwrap() {
+                let (s, zp) = (
+                    a["scale"].as_f64().unwrap(),
+                    a["zero_point"].as_i64().unwrap(),
+                );
+                assert_eq!(zp % 2, 0, "{a}");
+                if a["bits"] == 8 {
+                    assert_eq!(s.log2().fract(), 0.0, "8-bit scale {s} is a power of two");
+                }
+            }
+        } else {
+            assert_eq!(inexact, layers);
+            assert!(
+                worst > 0.0,
+                "free scales: engines should differ in the low bits"
+            );
+        }
+    }
+}
+
 #[test]
 fn ptq_bn_on_a_bn_folded_teacher_says_it_fell_back_to_noise() {
     let dir = tempfile::tempdir().unwrap();

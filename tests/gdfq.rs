@@ -8,7 +8,7 @@ use std::process::Command;
 use candle_core::{Device, Tensor, Var};
 use datafree::generator::{GdfqConfig, GdfqGenerator};
 use datafree::quant::fake::{dequantized_weight, fake_quant_activation, fake_quant_weight};
-use datafree::quant::{QParams, WeightScheme, quantize_weight};
+use datafree::quant::{QParams, Scales, WeightScheme, quantize_weight};
 use datafree::train::gdfq::Metrics;
 
 fn datafree(args: &[&str]) -> std::process::Output {
@@ -256,7 +256,7 @@ fn fake_weight_quantization_is_the_exported_arithmetic_with_a_straight_through_g
 
 #[test]
 fn fake_activation_quantization_rounds_half_to_even_and_saturates() {
-    let q = QParams::activation(0.0, 15.0, 4);
+    let q = QParams::activation(0.0, 15.0, 4, Scales::Free);
     let x = Var::from_vec(vec![0.5f32, 1.5, 2.5, -3.0, 14.5, 40.0], 6, &Device::Cpu).unwrap();
     let y = fake_quant_activation(x.as_tensor(), q).unwrap();
     assert_eq!(

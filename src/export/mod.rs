@@ -15,7 +15,9 @@ use crate::onnx::pb::{
 };
 use crate::onnx::tensor;
 use crate::quant::placement::Plan;
-use crate::quant::{QParams, WeightScheme, quantize_weight};
+use crate::quant::{
+    QParams, Scales, WeightScheme, quantize_bias, quantize_weight, quantize_weight_exact,
+};
 
 /// Folds every BatchNormalization whose input comes only from a Conv into that Conv. Returns the
 /// new model and the number of BNs folded. BNs elsewhere (pre-activation nets) stay.
@@ -176,15 +178,37 @@ pub fn raise_to_opset21(model: &mut ModelProto) -> Result<()> {
 /// Quantization parameters chosen for each activation point.
 pub type PointParams = HashMap<String, QParams>;
 
+/// How the student's weights are stored and scaled.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightOptions {
+    pub scheme: WeightScheme,
+    pub scales: Scales,
+    /// INT4 storage (opset 21) for weights of 4 bits or fewer.
+    pub int4: bool,
+}
+
+/// A built student and the layers whose arithmetic is not provably exact in f32 (all of them
+/// with `Scales::Free`; with `Scales::Exact` those whose input is not quantized or whose
+/// accumulation cannot fit 24 bits).
+pub struct Student {
+    pub model: ModelProto,
+    pub inexact_layers: Vec<String>,
+}
+
 /// Builds the QDQ student from a (BN-folded) float model, a plan and activation parameters.
 pub fn build_student(
     model: &ModelProto,
     plan: &Plan,
     params: &PointParams,
-    scheme: WeightScheme,
-    int4_weights: bool,
+    weights: WeightOptions,
     metadata: &[(String, String)],
-) -> Result<ModelProto> {
+) -> Result<Student> {
+    let WeightOptions {
+        scheme,
+        scales: scale_mode,
+        int4: int4_weights,
+    } = weights;
+    let mut inexact_layers = Vec::new();
     let opset = model
         .opset_import
         .iter()
@@ -223,7 +247,43 @@ pub fn build_student(
                     true,
                 )
             };
-            let q = quantize_weight(&rows, channels, l.weight_bits, scheme);
+            let bias: Option<Vec<f32>> = match &l.bias {
+                Some(b) => Some(
+                    tensor::decode(g.initializer(b).context("bias initializer vanished")?, None)
+                        .map_err(anyhow::Error::msg)?
+                        .to_f32(),
+                ),
+                None => None,
+            };
+            if let Some(bv) = &bias {
+                ensure!(
+                    bv.len() == channels,
+                    "bias '{}' of '{}' has {} values for {channels} channels",
+                    l.bias.as_deref().unwrap_or_default(),
+                    l.node,
+                    bv.len()
+                );
+            }
+            let q = match (scale_mode, params.get(&l.input)) {
+                (Scales::Exact, Some(pin)) => {
+                    let (q, exact) = quantize_weight_exact(
+                        &rows,
+                        channels,
+                        l.weight_bits,
+                        scheme,
+                        pin,
+                        bias.as_deref(),
+                    );
+                    if !exact {
+                        inexact_layers.push(l.node.clone());
+                    }
+                    q
+                }
+                _ => {
+                    inexact_layers.push(l.node.clone());
+                    quantize_weight(&rows, channels, l.weight_bits, scheme)
+                }
+            };
             let values: Vec<i8> = if cm {
                 let (k, n) = (dims[0], dims[1]);
                 (0..k)
@@ -272,25 +332,12 @@ pub fn build_student(
             ));
             rename_input.insert((l.node.clone(), 1), dq);
             // int32 bias with scale s_in * s_w, when the layer input is quantized.
-            if let (Some(b), Some(pin)) = (&l.bias, params.get(&l.input)) {
-                let bv =
-                    tensor::decode(g.initializer(b).context("bias initializer vanished")?, None)
-                        .map_err(anyhow::Error::msg)?
-                        .to_f32();
-                ensure!(
-                    bv.len() == channels,
-                    "bias '{b}' has {} values for {channels} channels",
-                    bv.len()
-                );
+            if let (Some(b), Some(bv), Some(pin)) = (&l.bias, &bias, params.get(&l.input)) {
                 let scales: Vec<f32> = q.scales.iter().map(|&s| s * pin.scale).collect();
                 let bq: Vec<i32> = bv
                     .iter()
                     .zip(&scales)
-                    .map(|(&v, &s)| {
-                        (v as f64 / s as f64)
-                            .round_ties_even()
-                            .clamp(i32::MIN as f64, i32::MAX as f64) as i32
-                    })
+                    .map(|(&v, &s)| quantize_bias(v, s))
                     .collect();
                 let (qn, sn, zn, dq) = (
                     format!("{b}_quantized"),
@@ -424,7 +471,10 @@ pub fn build_student(
         }));
     out.producer_name = "datafree".into();
     out.producer_version = env!("CARGO_PKG_VERSION").into();
-    Ok(out)
+    Ok(Student {
+        model: out,
+        inexact_layers,
+    })
 }
 
 /// The model with the float initializers named in `values` replaced (same shapes).

@@ -1,6 +1,8 @@
-//! Fake quantization for training (quantization-aware fine-tuning): the forward value is exactly
-//! what the exported QDQ model computes (the same `quantize_weight` and `QParams` arithmetic,
-//! round half to even, saturation), the backward pass is the straight-through estimator.
+//! Fake quantization for training (quantization-aware fine-tuning): the forward value is what
+//! the exported QDQ model computes (the same `quantize_weight` and `QParams` arithmetic, round
+//! half to even, saturation), the backward pass is the straight-through estimator. Weights train
+//! on min/max scales: with `Scales::Exact` the export then rounds each weight scale up to a
+//! short significand (a relative change of at most 2^-(bits-1) for the bits the layer allows).
 
 use super::{QParams, WeightScheme, quantize_weight};
 use anyhow::Result;

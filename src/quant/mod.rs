@@ -59,6 +59,63 @@ pub enum WeightScheme {
     Asymmetric,
 }
 
+/// How scales are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scales {
+    /// Scales with short significands: 8-bit activation scales are powers of two (ORT fuses
+    /// those layers and requantizes with s_in * s_w / s_out, exact only then), narrower ones
+    /// have 4-bit significands, and each weight scale gets the longest significand for which
+    /// every sum its layer computes fits f32's 24 bits. The float arithmetic between
+    /// QuantizeLinear and DequantizeLinear is then exact, so any engine (ORT fused or not,
+    /// tract, our simulation) computes the same codes whatever its summation order.
+    Exact,
+    /// Scales straight from the ranges (range / levels).
+    Free,
+}
+
+/// Accumulations stay exact in f32 below this many units (24-bit significand).
+const F32_EXACT: u64 = 1 << 24;
+
+/// Significand bits of activation scales below 8 bits with `Scales::Exact` (what is left of
+/// the 24 bits goes to the weight scales).
+const ACTIVATION_SIGNIFICAND: u32 = 6;
+
+/// `s` rounded up to a `bits`-bit significand: never smaller, so nothing more is clipped.
+fn ceil_mantissa(s: f32, bits: u32) -> f32 {
+    let unit = ((s as f64).log2().floor() - (bits as f64 - 1.0)).exp2();
+    ((s as f64 / unit).ceil() * unit) as f32
+}
+
+/// `s` rounded to the nearest (in ratio) `bits`-bit significand. Activation ranges are
+/// estimates: rounding them either way is unbiased, where always rounding up would waste up to
+/// a bit of an 8-bit grid (measured on cifar100_resnet20 w8a8 ptq-bn: top-1 67.38 rounding
+/// powers of two up, 68.77 to the nearest).
+fn nearest_mantissa(s: f32, bits: u32) -> f32 {
+    let up = ceil_mantissa(s, bits);
+    let unit = ((s as f64).log2().floor() - (bits as f64 - 1.0)).exp2();
+    let down = ((s as f64 / unit).floor() * unit) as f32;
+    if (up as f64 / s as f64) <= (s as f64 / down as f64) {
+        up
+    } else {
+        down
+    }
+}
+
+/// The odd integer m with `s = m * 2^e`: what a product with `s` adds to an integer's width.
+fn odd_mantissa(s: f32) -> u64 {
+    let bits = s.to_bits();
+    let m = (bits & 0x7F_FFFF) as u64 | if bits >> 23 & 0xFF != 0 { 0x80_0000 } else { 0 };
+    m >> m.trailing_zeros()
+}
+
+/// The int32 bias code of `b` on the accumulator grid `scale` (= s_input * s_weight).
+pub fn quantize_bias(b: f32, scale: f32) -> i32 {
+    (b as f64 / scale as f64)
+        .round_ties_even()
+        .clamp(i32::MIN as f64, i32::MAX as f64) as i32
+}
+
 /// Affine quantization parameters of one tensor (or channel): q = sat(round_even(x/s) + zp).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct QParams {
@@ -69,12 +126,28 @@ pub struct QParams {
 }
 
 impl QParams {
-    /// Unsigned M-bit activation grid (uint8 container, values 0..2^M-1) covering [lo, hi] and 0.
-    pub fn activation(lo: f32, hi: f32, bits: u8) -> Self {
+    /// Unsigned M-bit activation grid (uint8 container, values 0..2^M-1) covering [lo, hi] and 0;
+    /// with `Scales::Exact` the scale is rounded up to a short significand (see [`Scales`]).
+    pub fn activation(lo: f32, hi: f32, bits: u8, scales: Scales) -> Self {
         let qmax = (1i32 << bits) - 1;
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
         let scale = ((hi - lo) / qmax as f32).max(1e-8);
-        let zero_point = ((-lo / scale).round_ties_even() as i32).clamp(0, qmax);
+        let scale = match scales {
+            Scales::Exact if bits == 8 => nearest_mantissa(scale, 1),
+            Scales::Exact => nearest_mantissa(scale, ACTIVATION_SIGNIFICAND),
+            Scales::Free => scale,
+        };
+        let ideal = -lo / scale;
+        let zero_point = match scales {
+            // Even, because ORT's QLinearAdd rounds after adding the zero point while ONNX
+            // rounds before: on the exact ties these scales produce, the two agree only when
+            // the zero point is even (measured: an odd one flipped half of an Add's codes).
+            Scales::Exact => {
+                let z = (ideal / 2.0).round_ties_even() as i32 * 2;
+                z.clamp(0, qmax & !1)
+            }
+            Scales::Free => (ideal.round_ties_even() as i32).clamp(0, qmax),
+        };
         Self {
             scale,
             zero_point,
@@ -93,6 +166,11 @@ impl QParams {
         (q - self.zero_point) as f32 * self.scale
     }
 
+    /// The largest |q - zp| on the grid.
+    pub fn span(&self) -> u64 {
+        (self.zero_point - self.qmin).max(self.qmax - self.zero_point) as u64
+    }
+
     /// The float interval the grid represents (the Clip bounds of a k-bit grid).
     pub fn bounds(&self) -> (f32, f32) {
         (self.dequantize(self.qmin), self.dequantize(self.qmax))
@@ -107,7 +185,61 @@ pub struct QuantizedWeight {
     pub zero_points: Vec<i8>,
 }
 
-/// Quantizes `w` (channel-major: `channels` rows) to `bits`.
+/// The min/max grid of one channel's weights.
+fn weight_params(row: &[f32], bits: u8, scheme: WeightScheme) -> QParams {
+    match scheme {
+        WeightScheme::Symmetric => {
+            let qmax = (1i32 << (bits - 1)) - 1;
+            let m = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            QParams {
+                scale: (m / qmax as f32).max(1e-12),
+                zero_point: 0,
+                qmin: -qmax,
+                qmax,
+            }
+        }
+        WeightScheme::Asymmetric => {
+            let (qmin, qmax) = (-(1i32 << (bits - 1)), (1i32 << (bits - 1)) - 1);
+            let scale = {
+                let (lo, hi) = min_max(row);
+                ((hi - lo) / (qmax - qmin) as f32).max(1e-12)
+            };
+            with_scale(
+                row,
+                QParams {
+                    scale,
+                    zero_point: 0,
+                    qmin,
+                    qmax,
+                },
+                scale,
+            )
+        }
+    }
+}
+
+fn min_max(row: &[f32]) -> (f32, f32) {
+    (
+        row.iter().fold(0.0f32, |m, &v| m.min(v)),
+        row.iter().fold(0.0f32, |m, &v| m.max(v)),
+    )
+}
+
+/// `p` with another scale (an asymmetric grid's zero point moves with it).
+fn with_scale(row: &[f32], p: QParams, scale: f32) -> QParams {
+    let zero_point = if p.qmin == -p.qmax {
+        0
+    } else {
+        ((p.qmin as f32 - min_max(row).0 / scale).round_ties_even() as i32).clamp(p.qmin, p.qmax)
+    };
+    QParams {
+        scale,
+        zero_point,
+        ..p
+    }
+}
+
+/// Quantizes `w` (channel-major: `channels` rows) to `bits` with min/max scales.
 pub fn quantize_weight(
     w: &[f32],
     channels: usize,
@@ -121,37 +253,61 @@ pub fn quantize_weight(
         zero_points: vec![],
     };
     for row in w.chunks(per.max(1)) {
-        let p = match scheme {
-            WeightScheme::Symmetric => {
-                let qmax = (1i32 << (bits - 1)) - 1;
-                let m = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                QParams {
-                    scale: (m / qmax as f32).max(1e-12),
-                    zero_point: 0,
-                    qmin: -qmax,
-                    qmax,
-                }
-            }
-            WeightScheme::Asymmetric => {
-                let (qmin, qmax) = (-(1i32 << (bits - 1)), (1i32 << (bits - 1)) - 1);
-                let lo = row.iter().fold(0.0f32, |m, &v| m.min(v));
-                let hi = row.iter().fold(0.0f32, |m, &v| m.max(v));
-                let scale = ((hi - lo) / (qmax - qmin) as f32).max(1e-12);
-                let zero_point =
-                    ((qmin as f32 - lo / scale).round_ties_even() as i32).clamp(qmin, qmax);
-                QParams {
-                    scale,
-                    zero_point,
-                    qmin,
-                    qmax,
-                }
-            }
-        };
-        out.values.extend(row.iter().map(|&v| p.quantize(v) as i8));
-        out.scales.push(p.scale);
-        out.zero_points.push(p.zero_point as i8);
+        out.push(row, weight_params(row, bits, scheme));
     }
     out
+}
+
+impl QuantizedWeight {
+    fn push(&mut self, row: &[f32], p: QParams) {
+        self.values.extend(row.iter().map(|&v| p.quantize(v) as i8));
+        self.scales.push(p.scale);
+        self.zero_points.push(p.zero_point as i8);
+    }
+}
+
+/// Quantizes a layer's weights (channel-major) for `Scales::Exact`: each channel's scale is
+/// rounded up to the longest significand (at most 16 bits) for which the layer's accumulation
+/// with an input on the grid `input`, plus the bias, stays below 2^24 units of s_in * 2^e, so
+/// every partial sum, in any order, is exact in f32 (and ORT's requantization product too).
+/// Returns the weights and whether every channel got such a scale (one that cannot, e.g. a
+/// huge bias, keeps its min/max scale).
+pub fn quantize_weight_exact(
+    w: &[f32],
+    channels: usize,
+    bits: u8,
+    scheme: WeightScheme,
+    input: &QParams,
+    bias: Option<&[f32]>,
+) -> (QuantizedWeight, bool) {
+    let per = w.len() / channels.max(1);
+    let mut out = QuantizedWeight {
+        values: Vec::with_capacity(w.len()),
+        scales: vec![],
+        zero_points: vec![],
+    };
+    let m_in = odd_mantissa(input.scale);
+    let mut all_exact = true;
+    for (c, row) in w.chunks(per.max(1)).enumerate() {
+        let free = weight_params(row, bits, scheme);
+        let fits = |p: &QParams| {
+            let l1: u64 = row
+                .iter()
+                .map(|&v| (p.quantize(v) - p.zero_point).unsigned_abs() as u64)
+                .sum();
+            let b = bias.map_or(0, |b| {
+                quantize_bias(b[c], p.scale * input.scale).unsigned_abs() as u64
+            });
+            (input.span() * l1 + b).saturating_mul(m_in * odd_mantissa(p.scale)) < F32_EXACT
+        };
+        let exact = (1..=16)
+            .rev()
+            .map(|m| with_scale(row, free, ceil_mantissa(free.scale, m)))
+            .find(|p| fits(p));
+        all_exact &= exact.is_some();
+        out.push(row, exact.unwrap_or(free));
+    }
+    (out, all_exact)
 }
 
 #[cfg(test)]
@@ -183,10 +339,10 @@ mod tests {
             [0.5, 1.5, 2.5, -0.5, 14.5, 15.5, 300.0].map(|x| p.quantize(x)),
             [0, 2, 2, 0, 14, 15, 15]
         );
-        let a = QParams::activation(0.0, 6.0, 4);
+        let a = QParams::activation(0.0, 6.0, 4, Scales::Free);
         assert_eq!((a.zero_point, a.qmax), (0, 15));
         assert_eq!(a.bounds(), (0.0, 6.0));
-        let b = QParams::activation(-1.0, 3.0, 8);
+        let b = QParams::activation(-1.0, 3.0, 8, Scales::Free);
         assert_eq!(
             b.dequantize(b.quantize(0.0)),
             0.0,
@@ -208,5 +364,106 @@ mod tests {
                 assert!((deq - v).abs() <= a.scales[c] / 2.0 + 1e-6);
             }
         }
+    }
+
+    #[test]
+    fn short_significands() {
+        for s in [0.1f32, 0.0371, 1.0, 3.3e-5, 7.0] {
+            for bits in [1, 4, 6] {
+                let c = ceil_mantissa(s, bits);
+                assert!(
+                    c >= s && c <= s * (1.0 + 2f32.powi(1 - bits as i32)),
+                    "{s} {bits} {c}"
+                );
+                assert!(odd_mantissa(c) < 1 << bits, "{s} {bits} {c}");
+            }
+        }
+        assert_eq!(odd_mantissa(0.75), 3);
+        // 5.4 / 255 = 0.0212 is nearer (in ratio) to 2^-6 than to 2^-5.
+        let a = QParams::activation(-0.3, 5.1, 8, Scales::Exact);
+        assert_eq!(
+            a.scale,
+            2f32.powi(-6),
+            "8-bit activation scales are powers of two"
+        );
+        assert_eq!(a.zero_point % 2, 0, "{a:?}");
+        assert_eq!(nearest_mantissa(1.40, 1), 1.0);
+        assert_eq!(nearest_mantissa(1.42, 1), 2.0);
+        let b = QParams::activation(0.0, 5.1, 4, Scales::Exact);
+        assert!(odd_mantissa(b.scale) < 1 << ACTIVATION_SIGNIFICAND);
+        assert!((b.bounds().1 / 5.1 - 1.0).abs() < 2f32.powi(-(ACTIVATION_SIGNIFICAND as i32)));
+    }
+
+    /// The point of `Scales::Exact`: a layer's dot products come out bit-identical whatever the
+    /// summation order (sequential, reversed, pairwise, as different engines and kernels add),
+    /// and equal the exact (f64) value. With free scales the same sums differ between orders.
+    #[test]
+    fn exact_scales_make_every_summation_order_agree() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (channels, per) = (32usize, 576usize);
+        let w: Vec<f32> = (0..channels * per)
+            .map(|_| rng.random_range(-0.3f32..0.3) * rng.random_range(0.0f32..1.0))
+            .collect();
+        let bias: Vec<f32> = (0..channels)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
+        let pairwise = |v: &[f32]| -> f32 {
+            let mut v = v.to_vec();
+            while v.len() > 1 {
+                v = v.chunks(2).map(|p| p.iter().sum()).collect();
+            }
+            v[0]
+        };
+        let mut differ = [0usize; 2];
+        for (k, scales) in [Scales::Exact, Scales::Free].into_iter().enumerate() {
+            for (bits, abits) in [(4u8, 4u8), (7, 8), (4, 8)] {
+                let input = QParams::activation(0.0, 3.7, abits, scales);
+                let q = match scales {
+                    Scales::Exact => {
+                        let (q, exact) = quantize_weight_exact(
+                            &w,
+                            channels,
+                            bits,
+                            WeightScheme::Symmetric,
+                            &input,
+                            Some(&bias),
+                        );
+                        assert!(exact);
+                        q
+                    }
+                    Scales::Free => quantize_weight(&w, channels, bits, WeightScheme::Symmetric),
+                };
+                // Large codes make large sums: the hardest case for exactness.
+                let x: Vec<f32> = (0..per)
+                    .map(|_| input.dequantize(rng.random_range(input.qmax / 2..=input.qmax)))
+                    .collect();
+                for (c, (&bc, &sc)) in bias.iter().zip(&q.scales).enumerate() {
+                    let b = quantize_bias(bc, sc * input.scale) as f32 * (sc * input.scale);
+                    let row = &q.values[c * per..(c + 1) * per];
+                    let terms: Vec<f32> = std::iter::once(b)
+                        .chain(x.iter().zip(row).map(|(&xi, &wi)| xi * (wi as f32 * sc)))
+                        .collect();
+                    let exact: f64 = terms.iter().map(|&t| t as f64).sum();
+                    let sums = [
+                        terms.iter().sum::<f32>(),
+                        terms.iter().rev().sum::<f32>(),
+                        pairwise(&terms),
+                    ];
+                    if scales == Scales::Exact {
+                        assert!(
+                            sums.iter().all(|&s| s as f64 == exact),
+                            "w{bits}a{abits} channel {c}: {sums:?} vs {exact}"
+                        );
+                    }
+                    differ[k] += sums.iter().any(|&s| s != sums[0]) as usize;
+                }
+            }
+        }
+        assert_eq!(differ[0], 0);
+        assert!(
+            differ[1] > 0,
+            "free scales should show order-dependent sums"
+        );
     }
 }

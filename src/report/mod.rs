@@ -245,6 +245,20 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
         r.layers.len(),
         r.activations.len()
     );
+    let exact = r.layers.len() - r.inexact_layers.len();
+    let _ = writeln!(
+        o,
+        "  scales {}: f32 arithmetic provably exact in {exact} of {} layers{}",
+        crate::compress::cli_name(&r.scales),
+        r.layers.len(),
+        match r.bn {
+            crate::compress::BnMode::Keep => " (BN kept: its float arithmetic is not)",
+            crate::compress::BnMode::Fold if exact == r.layers.len() => {
+                " (every engine computes the same codes)"
+            }
+            crate::compress::BnMode::Fold => "",
+        }
+    );
     if let Some(d) = &r.verification_data {
         comparison_lines(&mut o, d);
     }

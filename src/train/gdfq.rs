@@ -27,7 +27,7 @@ use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator,
 use crate::lower::Program;
 use crate::quant::fake::{fake_quant_activation, fake_quant_weight};
 use crate::quant::placement::Plan;
-use crate::quant::{QParams, WeightScheme};
+use crate::quant::{QParams, Scales, WeightScheme};
 
 /// Budget presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -249,6 +249,7 @@ struct Run<'a> {
     /// Points whose ranges were given (not observed).
     fixed: std::collections::HashSet<String>,
     classes: usize,
+    scales: Scales,
 }
 
 impl Run<'_> {
@@ -269,7 +270,7 @@ impl Run<'_> {
     fn set_activation_quant(&mut self) -> Result<()> {
         for p in &self.plan.points {
             let (lo, hi) = self.ranges[&p.tensor];
-            let q = QParams::activation(lo, hi, p.bits);
+            let q = QParams::activation(lo, hi, p.bits, self.scales);
             self.student
                 .set_transform(&p.tensor, Arc::new(move |x| fake_quant_activation(x, q)))?;
         }
@@ -434,7 +435,7 @@ pub fn train(
     student: &mut Program,
     plan: &Plan,
     weight_names: &HashMap<String, String>,
-    scheme: WeightScheme,
+    (scheme, scales): (WeightScheme, Scales),
     classes: usize,
     (channels, size): (usize, usize),
     cfg: Config,
@@ -486,6 +487,7 @@ pub fn train(
         student,
         plan,
         classes,
+        scales,
     };
     let metrics_path = io.out.join("metrics.jsonl");
     let (mut start, mut elapsed0, mut history, mut resumed_from) = (0, 0.0, Vec::new(), None);
