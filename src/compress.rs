@@ -394,7 +394,7 @@ pub fn prepare_out_dir(dir: &Path, force: bool) -> Result<()> {
         let non_empty = std::fs::read_dir(dir)?.next().is_some();
         if non_empty && !force {
             bail!(
-                "{}: folder is not empty; pass --force to overwrite student.onnx and report.json there",
+                "{}: folder is not empty; pass --force to let datafree overwrite its own files there",
                 dir.display()
             );
         }

@@ -467,7 +467,9 @@ fn compress_autorecon_without_a_genotype_searches_first() {
     assert_eq!(e.status.code(), Some(2));
     let msg = String::from_utf8_lossy(&e.stderr);
     assert!(
-        msg.contains("BatchNormalization statistics") && msg.contains("folded"),
+        msg.contains("BatchNormalization statistics")
+            && msg.contains("folded")
+            && msg.contains("quickstart.bn-folded.onnx"),
         "{msg}"
     );
 }

@@ -357,7 +357,7 @@ pub fn search(
 ) -> Result<(Genotype, SearchReport)> {
     ensure!(
         !teacher.bn_taps().is_empty(),
-        "the AutoReCon search needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept"
+        "{teacher_name}: the AutoReCon search needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept"
     );
     ensure!(
         cfg.batch >= 2,
