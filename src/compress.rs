@@ -49,9 +49,10 @@ pub struct Options {
     /// Weight quantization (per output channel).
     #[arg(long, value_enum, default_value_t = WeightScheme::Symmetric)]
     pub weight_scheme: WeightScheme,
-    /// Scales: `exact` = power-of-two activation scales and weight scales with short
-    /// significands, so every engine computes bit-identical codes (no float rounding between
-    /// QuantizeLinear/DequantizeLinear); `free` = range / levels.
+    /// Scales: `exact` = short significands (8-bit activation scales powers of two, even zero
+    /// points, weight scales sized so every sum fits f32), so every engine computes
+    /// bit-identical codes (no float rounding between DequantizeLinear and QuantizeLinear);
+    /// `free` = range / levels.
     #[arg(long, value_enum, default_value_t = Scales::Exact)]
     pub scales: Scales,
     /// Keep 8-bit weights on the full int8 range; by default they use +-63, because ONNX

@@ -65,7 +65,7 @@ pub enum WeightScheme {
 pub enum Scales {
     /// Scales with short significands: 8-bit activation scales are powers of two (ORT fuses
     /// those layers and requantizes with s_in * s_w / s_out, exact only then), narrower ones
-    /// have 4-bit significands, and each weight scale gets the longest significand for which
+    /// have 6-bit significands, zero points are even, and each weight scale gets the longest significand for which
     /// every sum its layer computes fits f32's 24 bits. The float arithmetic between
     /// QuantizeLinear and DequantizeLinear is then exact, so any engine (ORT fused or not,
     /// tract, our simulation) computes the same codes whatever its summation order.
@@ -127,7 +127,8 @@ pub struct QParams {
 
 impl QParams {
     /// Unsigned M-bit activation grid (uint8 container, values 0..2^M-1) covering [lo, hi] and 0;
-    /// with `Scales::Exact` the scale is rounded up to a short significand (see [`Scales`]).
+    /// with `Scales::Exact` the scale is rounded to a short significand and the zero point is
+    /// even (see [`Scales`]).
     pub fn activation(lo: f32, hi: f32, bits: u8, scales: Scales) -> Self {
         let qmax = (1i32 << bits) - 1;
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
