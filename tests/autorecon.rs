@@ -3,8 +3,10 @@
 //! the edge named, and `datafree search` / `compress --method autorecon` on the quick-start
 //! teacher are deterministic, resume bit for bit after a crash, and hand back a student.
 
+mod common;
+
+use common::{QUICKSTART, datafree};
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{D, Device, Tensor, Var};
 use candle_nn::ops::softmax;
@@ -12,15 +14,6 @@ use datafree::generator::autorecon::{
     AutoReconConfig, AutoReconGenerator, CELLS, EdgeKind, Mix, Op, cell_edges,
 };
 use datafree::generator::{Generator, Genotype};
-
-fn datafree(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_datafree"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-const QUICKSTART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/onnx/quickstart.onnx");
 
 /// Pseudo-random architecture weights (deterministic, no RNG crate needed).
 fn probs(seed: u32) -> Vec<Vec<Vec<f32>>> {

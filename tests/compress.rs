@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::datafree;
 use std::path::Path;
 use std::process::Command;
 
@@ -15,13 +16,6 @@ use datafree::onnx::pb::tensor_proto::DataType;
 use datafree::onnx::{fixtures, load_model};
 use datafree::verify::ort_runtime;
 use prost::Message;
-
-fn datafree(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_datafree"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 #[test]
 fn quantize_dequantize_match_ort_on_ties_and_saturation() {

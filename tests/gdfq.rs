@@ -2,23 +2,16 @@
 //! for a seed, a crash after a checkpoint resumes to the same student bit for bit, a BN-folded
 //! teacher is refused with a clear message; the fake quantizers equal the export's arithmetic.
 
+mod common;
+
+use common::{QUICKSTART, datafree};
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{Device, Tensor, Var};
 use datafree::generator::{GdfqConfig, GdfqGenerator};
 use datafree::quant::fake::{dequantized_weight, fake_quant_activation, fake_quant_weight};
 use datafree::quant::{QParams, Scales, WeightScheme, quantize_weight};
 use datafree::train::gdfq::Metrics;
-
-fn datafree(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_datafree"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-const QUICKSTART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/onnx/quickstart.onnx");
 
 fn gdfq(out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![

@@ -6,6 +6,17 @@ use std::path::{Path, PathBuf};
 use datafree::onnx::builder::write_model;
 use datafree::onnx::pb::ModelProto;
 
+/// The quick-start teacher committed under onnx/.
+pub const QUICKSTART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/onnx/quickstart.onnx");
+
+/// Runs the datafree binary built for these tests.
+pub fn datafree(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_datafree"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
