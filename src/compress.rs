@@ -569,6 +569,7 @@ pub fn compress(
                 .map_or("none".into(), |b| b.to_string()),
         ),
         ("datafree.seed".to_string(), opts.seed.to_string()),
+        ("datafree.scales".to_string(), cli_name(&opts.scales)),
         (
             "datafree.teacher_sha256".to_string(),
             teacher.sha256.clone(),

@@ -158,7 +158,8 @@ fn compress_w8a8_fuses_every_conv_and_matches_our_simulation() {
         .collect();
     assert!(
         meta.contains(&("datafree.bits", "w8a8"))
-            && meta.contains(&("datafree.method", "ptq-noise")),
+            && meta.contains(&("datafree.method", "ptq-noise"))
+            && meta.contains(&("datafree.scales", "exact")),
         "{meta:?}"
     );
     assert!(
