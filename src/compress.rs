@@ -544,14 +544,10 @@ pub fn compress(
         .points
         .iter()
         .map(|p| {
+            let (lo, hi) = ranges[&p.tensor];
             (
                 p.tensor.clone(),
-                QParams::activation(
-                    ranges[&p.tensor].0,
-                    ranges[&p.tensor].1,
-                    p.bits,
-                    opts.scales,
-                ),
+                QParams::activation(lo, hi, p.bits, opts.scales),
             )
         })
         .collect();

@@ -247,23 +247,25 @@ pub fn build_student(
                     true,
                 )
             };
-            let bias: Option<Vec<f32>> = match &l.bias {
-                Some(b) => Some(
-                    tensor::decode(g.initializer(b).context("bias initializer vanished")?, None)
-                        .map_err(anyhow::Error::msg)?
-                        .to_f32(),
-                ),
-                None => None,
-            };
-            if let Some(bv) = &bias {
-                ensure!(
-                    bv.len() == channels,
-                    "bias '{}' of '{}' has {} values for {channels} channels",
-                    l.bias.as_deref().unwrap_or_default(),
-                    l.node,
-                    bv.len()
-                );
-            }
+            let bias: Option<Vec<f32>> = l
+                .bias
+                .as_ref()
+                .map(|b| -> Result<Vec<f32>> {
+                    let bv = tensor::decode(
+                        g.initializer(b).context("bias initializer vanished")?,
+                        None,
+                    )
+                    .map_err(anyhow::Error::msg)?
+                    .to_f32();
+                    ensure!(
+                        bv.len() == channels,
+                        "bias '{b}' of '{}' has {} values for {channels} channels",
+                        l.node,
+                        bv.len()
+                    );
+                    Ok(bv)
+                })
+                .transpose()?;
             let q = match (scale_mode, params.get(&l.input)) {
                 (Scales::Exact, Some(pin)) => {
                     let (q, exact) = quantize_weight_exact(

@@ -65,10 +65,10 @@ pub enum WeightScheme {
 pub enum Scales {
     /// Scales with short significands: 8-bit activation scales are powers of two (ORT fuses
     /// those layers and requantizes with s_in * s_w / s_out, exact only then), narrower ones
-    /// have 6-bit significands, zero points are even, and each weight scale gets the longest significand for which
-    /// every sum its layer computes fits f32's 24 bits. The float arithmetic between
-    /// QuantizeLinear and DequantizeLinear is then exact, so any engine (ORT fused or not,
-    /// tract, our simulation) computes the same codes whatever its summation order.
+    /// have 6-bit significands, zero points are even, and each weight scale gets the longest
+    /// significand for which every sum its layer computes fits f32's 24 bits. The float
+    /// arithmetic between QuantizeLinear and DequantizeLinear is then exact, so any engine (ORT
+    /// fused or not, tract, our simulation) computes the same codes whatever its summation order.
     Exact,
     /// Scales straight from the ranges (range / levels).
     Free,
@@ -81,9 +81,14 @@ const F32_EXACT: u64 = 1 << 24;
 /// the 24 bits goes to the weight scales).
 const ACTIVATION_SIGNIFICAND: u32 = 6;
 
+/// The last place of a `bits`-bit significand at the magnitude of `s`.
+fn significand_unit(s: f32, bits: u32) -> f64 {
+    ((s as f64).log2().floor() - (bits as f64 - 1.0)).exp2()
+}
+
 /// `s` rounded up to a `bits`-bit significand: never smaller, so nothing more is clipped.
 fn ceil_mantissa(s: f32, bits: u32) -> f32 {
-    let unit = ((s as f64).log2().floor() - (bits as f64 - 1.0)).exp2();
+    let unit = significand_unit(s, bits);
     ((s as f64 / unit).ceil() * unit) as f32
 }
 
@@ -93,7 +98,7 @@ fn ceil_mantissa(s: f32, bits: u32) -> f32 {
 /// powers of two up, 68.77 to the nearest).
 fn nearest_mantissa(s: f32, bits: u32) -> f32 {
     let up = ceil_mantissa(s, bits);
-    let unit = ((s as f64).log2().floor() - (bits as f64 - 1.0)).exp2();
+    let unit = significand_unit(s, bits);
     let down = ((s as f64 / unit).floor() * unit) as f32;
     if (up as f64 / s as f64) <= (s as f64 / down as f64) {
         up
@@ -248,11 +253,7 @@ pub fn quantize_weight(
     scheme: WeightScheme,
 ) -> QuantizedWeight {
     let per = w.len() / channels.max(1);
-    let mut out = QuantizedWeight {
-        values: Vec::with_capacity(w.len()),
-        scales: vec![],
-        zero_points: vec![],
-    };
+    let mut out = QuantizedWeight::with_capacity(w.len(), channels);
     for row in w.chunks(per.max(1)) {
         out.push(row, weight_params(row, bits, scheme));
     }
@@ -260,6 +261,14 @@ pub fn quantize_weight(
 }
 
 impl QuantizedWeight {
+    fn with_capacity(values: usize, channels: usize) -> Self {
+        Self {
+            values: Vec::with_capacity(values),
+            scales: Vec::with_capacity(channels),
+            zero_points: Vec::with_capacity(channels),
+        }
+    }
+
     fn push(&mut self, row: &[f32], p: QParams) {
         self.values.extend(row.iter().map(|&v| p.quantize(v) as i8));
         self.scales.push(p.scale);
@@ -282,11 +291,7 @@ pub fn quantize_weight_exact(
     bias: Option<&[f32]>,
 ) -> (QuantizedWeight, bool) {
     let per = w.len() / channels.max(1);
-    let mut out = QuantizedWeight {
-        values: Vec::with_capacity(w.len()),
-        scales: vec![],
-        zero_points: vec![],
-    };
+    let mut out = QuantizedWeight::with_capacity(w.len(), channels);
     let m_in = odd_mantissa(input.scale);
     let mut all_exact = true;
     for (c, row) in w.chunks(per.max(1)).enumerate() {
