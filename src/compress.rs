@@ -849,6 +849,7 @@ fn run_gdfq(
     let pb = crate::verify::eval::progress_iters(total, "gdfq");
     let outcome = gdfq::train(
         &tp,
+        &teacher.path.display().to_string(),
         &mut sp,
         plan,
         &weight_names,

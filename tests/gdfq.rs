@@ -214,7 +214,9 @@ fn a_bn_folded_teacher_is_refused_with_the_reason() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("BatchNormalization statistics") && err.contains("folded"),
+        err.contains("BatchNormalization statistics")
+            && err.contains("folded")
+            && err.contains("quickstart.bn-folded.onnx"),
         "{err}"
     );
 }

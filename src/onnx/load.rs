@@ -45,9 +45,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Reads, decodes and validates `path`.
 pub fn load_model(path: &Path) -> Result<LoadedModel, OnnxError> {
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
+    let bytes = std::fs::read(path).map_err(|cause| OnnxError::Io {
         path: path.into(),
-        source,
+        cause,
     })?;
     from_bytes(path, &bytes)
 }
@@ -57,9 +57,9 @@ pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<LoadedModel, OnnxError> {
     if bytes.is_empty() {
         return Err(OnnxError::Empty { path: path.into() });
     }
-    let proto = ModelProto::decode(bytes).map_err(|source| OnnxError::Decode {
+    let proto = ModelProto::decode(bytes).map_err(|cause| OnnxError::Decode {
         path: path.into(),
-        source,
+        cause,
     })?;
     let not_a_model = |reason: &str| OnnxError::NotAModel {
         path: path.into(),

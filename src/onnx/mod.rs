@@ -27,17 +27,19 @@ pub const MAX_OPSET: i64 = 23;
 /// Everything that can be wrong with an ONNX file; every message names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
-    #[error("{}: cannot read file: {source}", path.display())]
+    // The causes are named `cause`, not `source`: the message already includes them, and a
+    // thiserror source would be printed a second time by anyhow's `{:#}` chain.
+    #[error("{}: cannot read file: {cause}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{}: file is empty (0 bytes), expected an ONNX model", path.display())]
     Empty { path: PathBuf },
-    #[error("{}: not an ONNX model: protobuf decoding failed ({source}); the file may be truncated or of another format", path.display())]
+    #[error("{}: not an ONNX model: protobuf decoding failed ({cause}); the file may be truncated or of another format", path.display())]
     Decode {
         path: PathBuf,
-        source: prost::DecodeError,
+        cause: prost::DecodeError,
     },
     #[error("{}: not an ONNX model: {reason}", path.display())]
     NotAModel { path: PathBuf, reason: String },

@@ -432,6 +432,7 @@ fn save_samples(
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     teacher: &Program,
+    teacher_name: &str,
     student: &mut Program,
     plan: &Plan,
     weight_names: &HashMap<String, String>,
@@ -445,7 +446,7 @@ pub fn train(
 ) -> Result<Outcome> {
     ensure!(
         !teacher.bn_taps().is_empty(),
-        "GDFQ needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept"
+        "{teacher_name}: GDFQ needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept"
     );
     ensure!(
         cfg.batch >= 2,
