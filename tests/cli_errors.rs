@@ -159,7 +159,7 @@ fn usage_errors_exit_2_and_help_explains() {
 fn json_output_is_one_parseable_document() {
     let out = Command::new(env!("CARGO_BIN_EXE_datafree"))
         .args(["inspect", "--json"])
-        .arg(common::repo().join("onnx/quickstart.onnx"))
+        .arg(std::path::PathBuf::from(common::QUICKSTART))
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -137,7 +137,7 @@ fn compress_w8a8_fuses_every_conv_and_matches_our_simulation() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w8");
     let r = compress(
-        &common::repo().join("onnx/quickstart.onnx"),
+        &std::path::PathBuf::from(common::QUICKSTART),
         &out,
         &["--bits", "w8a8", "--method", "ptq-noise"],
     );
@@ -195,7 +195,7 @@ fn compress_w8a8_fuses_every_conv_and_matches_our_simulation() {
 fn compress_refuses_a_non_empty_folder_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keep.txt"), "mine").unwrap();
-    let t = common::repo().join("onnx/quickstart.onnx");
+    let t = std::path::PathBuf::from(common::QUICKSTART);
     let o = datafree(&[
         "compress",
         t.to_str().unwrap(),
@@ -310,7 +310,7 @@ fn exported_student_passes_the_onnx_checker() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w4");
     compress(
-        &common::repo().join("onnx/quickstart.onnx"),
+        &std::path::PathBuf::from(common::QUICKSTART),
         &out,
         &["--bits", "w4a4"],
     );
@@ -327,7 +327,7 @@ fn exported_student_passes_the_onnx_checker() {
 fn int4_weight_storage_raises_the_opset_and_runs_in_ort() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("i8"), dir.path().join("i4"));
-    let t = common::repo().join("onnx/quickstart.onnx");
+    let t = std::path::PathBuf::from(common::QUICKSTART);
     compress(&t, &a, &["--bits", "w4a4"]);
     let r = compress(&t, &b, &["--bits", "w4a4", "--int4-weights"]);
     let m = load_model(&b.join("student.onnx")).unwrap();
@@ -364,7 +364,7 @@ fn int4_weight_storage_raises_the_opset_and_runs_in_ort() {
 #[test]
 fn quickstart_end_to_end_meets_accuracy_floors() {
     let dir = tempfile::tempdir().unwrap();
-    let t = common::repo().join("onnx/quickstart.onnx");
+    let t = std::path::PathBuf::from(common::QUICKSTART);
     for (bits, floor) in [("w8a8", 95.0), ("w4a4", 85.0)] {
         let out = dir.path().join(bits);
         let r = compress(
@@ -403,7 +403,7 @@ fn quickstart_end_to_end_meets_accuracy_floors() {
 #[test]
 fn exact_scales_give_bit_identical_logits_in_every_engine() {
     let dir = tempfile::tempdir().unwrap();
-    let t = common::repo().join("onnx/quickstart.onnx");
+    let t = std::path::PathBuf::from(common::QUICKSTART);
     for (bits, scales) in [
         ("w8a8", "exact"),
         ("w4a4", "exact"),

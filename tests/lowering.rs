@@ -21,7 +21,7 @@ fn noise(n: usize, seed: u64) -> Vec<f64> {
 
 #[test]
 fn whole_teacher_input_gradient_matches_finite_differences() {
-    let path = common::repo().join("onnx/quickstart.onnx");
+    let path = std::path::PathBuf::from(common::QUICKSTART);
     let prog = lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F64).unwrap();
     let dims = [2usize, 3, 32, 32];
     let x0 = noise(dims.iter().product(), 3);
@@ -236,7 +236,7 @@ fn eval_rejects_data_with_more_classes_than_the_model() {
     let out = Command::new(env!("CARGO_BIN_EXE_datafree"))
         .args(["eval", "--data"])
         .arg(format!("cifar100:{}", data.display()))
-        .arg(common::repo().join("onnx/quickstart.onnx"))
+        .arg(std::path::PathBuf::from(common::QUICKSTART))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -251,7 +251,7 @@ fn eval_rejects_data_with_more_classes_than_the_model() {
 fn check_command_passes_on_the_quickstart_teacher() {
     let out = Command::new(env!("CARGO_BIN_EXE_datafree"))
         .args(["check", "--limit", "40", "--batch", "16", "--json"])
-        .arg(common::repo().join("onnx/quickstart.onnx"))
+        .arg(std::path::PathBuf::from(common::QUICKSTART))
         .output()
         .unwrap();
     assert!(

@@ -34,7 +34,7 @@ fn ort_library_loads_and_reports_its_version() {
 
 #[test]
 fn ort_and_tract_agree_on_the_quickstart_teacher() {
-    let path = common::repo().join("onnx/quickstart.onnx");
+    let path = std::path::PathBuf::from(common::QUICKSTART);
     let (shape, x) = batch(4);
     let mut s = ort_runtime::session(&path, 1).unwrap();
     let (oshape, ort_out) = ort_runtime::run_f32(&mut s, &shape, &x).unwrap();
@@ -72,7 +72,7 @@ fn folding_bn_into_conv_does_not_change_the_outputs() {
 /// same graph, trained values; its BN-folded twin is exactly `export::fold_bn` of it.
 #[test]
 fn committed_quickstart_models_are_what_the_project_makes() {
-    let teacher = load_model(&common::repo().join("onnx/quickstart.onnx")).unwrap();
+    let teacher = load_model(&std::path::PathBuf::from(common::QUICKSTART)).unwrap();
     let arch = fixtures::resnet_like(BnVariant::Kept, QUICKSTART_SEED);
     let (tg, ag) = (teacher.graph(), arch.graph.as_ref().unwrap());
     assert_eq!(tg.node, ag.node, "same nodes as the fixture");
