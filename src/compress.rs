@@ -205,8 +205,9 @@ pub struct Baseline {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "GDFQ (--method gdfq)")]
 pub struct GdfqArgs {
-    /// Budget: `quick` (12 x 100 iterations, batch 64: about 30 min on 2 CPU cores for a CIFAR
-    /// ResNet-20) or `paper` (the reference: 400 x 200, batch 200).
+    /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 30 min on 2 CPU cores
+    /// for a CIFAR ResNet-20; distillation only at student lr 1e-3, ranges from BN statistics) or
+    /// `paper` (the reference: 400 x 200, batch 200, KD + CE at lr 1e-4, EMA ranges).
     #[arg(long, value_enum, default_value_t = Preset::Quick)]
     pub preset: Preset,
     #[arg(long)]
@@ -218,6 +219,7 @@ pub struct GdfqArgs {
     /// Epochs in which only the generator trains (the student observes activation ranges).
     #[arg(long)]
     pub warmup_epochs: Option<usize>,
+    /// Student SGD learning rate [default: the preset's, 1e-3 quick, 1e-4 paper].
     #[arg(long)]
     pub student_lr: Option<f64>,
     #[arg(long)]
@@ -239,7 +241,8 @@ pub struct GdfqArgs {
     /// Weight of the BNS loss in the generator's objective.
     #[arg(long)]
     pub bns_weight: Option<f64>,
-    /// Weight of the student's cross-entropy with the sampled labels (1 in the reference).
+    /// Weight of the student's cross-entropy with the sampled labels [default: 0 quick, 1 paper
+    /// (the reference)].
     #[arg(long)]
     pub student_ce_weight: Option<f64>,
     /// Distillation temperature.
@@ -248,8 +251,9 @@ pub struct GdfqArgs {
     /// EMA factor of the activation ranges observed during warm-up.
     #[arg(long)]
     pub range_ema: Option<f64>,
-    /// Activation ranges: `ema` of generated batches during warm-up (the reference) or `bn`
-    /// (the ptq-bn ranges, EMA only where BN statistics do not reach).
+    /// Activation ranges: `ema` of generated batches during warm-up (the reference; default of
+    /// `paper`) or `bn` (the ptq-bn ranges, EMA only where BN statistics do not reach; default of
+    /// `quick`).
     #[arg(long, value_enum)]
     pub range_source: Option<RangeSource>,
     /// Write a resumable checkpoint every N iterations.

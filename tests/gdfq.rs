@@ -160,8 +160,8 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
         "0",
         "--verify-images",
         "16",
-        "--student-lr",
-        "1e-4",
+        "--preset",
+        "paper",
         "--lr-milestones",
         "100,200,300",
         "--generator-betas",
@@ -177,6 +177,10 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
         serde_json::from_slice(&std::fs::read(via_file.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["gdfq"]["config"]["temperature"], 20.0);
     assert_eq!(report["gdfq"]["config"]["batch"], 8);
+    // The reference's choices, not the quick preset's.
+    assert_eq!(report["gdfq"]["config"]["student_ce_weight"], 1.0);
+    assert_eq!(report["gdfq"]["config"]["student_lr"], 1e-4);
+    assert_eq!(report["gdfq"]["config"]["range_source"], "ema");
 }
 
 #[test]
