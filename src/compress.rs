@@ -245,6 +245,11 @@ pub struct GdfqArgs {
     /// (the reference)].
     #[arg(long)]
     pub student_ce_weight: Option<f64>,
+    /// Weight of intermediate-feature distillation: MSE between the student's and the teacher's
+    /// activations at every activation quantization point, each divided by the teacher's mean
+    /// square [default: 0, as the reference].
+    #[arg(long)]
+    pub feature_weight: Option<f64>,
     /// Distillation temperature.
     #[arg(long)]
     pub temperature: Option<f64>,
@@ -298,6 +303,7 @@ impl GdfqArgs {
         set(&mut c.bns_weight, &self.bns_weight);
         set(&mut c.temperature, &self.temperature);
         set(&mut c.student_ce_weight, &self.student_ce_weight);
+        set(&mut c.feature_weight, &self.feature_weight);
         set(&mut c.range_ema, &self.range_ema);
         set(&mut c.range_source, &self.range_source);
         if let Some(b) = &self.generator_betas {
@@ -869,11 +875,14 @@ fn run_gdfq(
                 (Some(kd), Some(ce)) => format!(" student KD {kd:.3} CE {ce:.3}"),
                 _ => " (warm-up)".into(),
             };
+            let feature = m
+                .student_feature
+                .map_or(String::new(), |f| format!(" feat {f:.3}"));
             let eval = m
                 .eval_top1
                 .map_or(String::new(), |a| format!(" top-1 {a:.2}"));
             pb.set_message(format!(
-                "gdfq ep {} G: CE {:.3} BNS {:.3}{student}{eval}",
+                "gdfq ep {} G: CE {:.3} BNS {:.3}{student}{feature}{eval}",
                 m.epoch, m.generator_ce, m.bns
             ));
         },

@@ -184,6 +184,35 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
 }
 
 #[test]
+fn feature_distillation_trains_a_different_student_and_logs_its_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, feat) = (tmp.path().join("plain"), tmp.path().join("feat"));
+    assert!(gdfq(&plain, &[]).status.success());
+    let run = gdfq(&feat, &["--feature-weight", "1"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_ne!(student_bytes(&plain), student_bytes(&feat));
+    let lines: Vec<Metrics> = std::fs::read_to_string(feat.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Warm-up (4 iterations) has no student loss; every student iteration has a feature loss.
+    for m in &lines {
+        match m.student_feature {
+            Some(f) => assert!(m.iter >= 4 && f.is_finite() && f > 0.0, "{m:?}"),
+            None => assert!(m.iter < 4, "{m:?}"),
+        }
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(feat.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["gdfq"]["config"]["feature_weight"], 1.0);
+}
+
+#[test]
 fn a_diverging_run_stops_with_a_message_and_keeps_its_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nan");

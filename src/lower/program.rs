@@ -387,7 +387,21 @@ impl Program {
 
     /// Logits plus the float tensors of the graph named in `names`.
     pub fn forward_tensors(&self, x: &Tensor, names: &[String]) -> Result<(Tensor, Vec<Tensor>)> {
-        let slots: Vec<usize> = names
+        let (f, kept) = self.run(x, false, &self.slots_of(names)?)?;
+        Ok((f.logits, kept))
+    }
+
+    /// `forward_taps` plus the float tensors named in `names`, from one pass.
+    pub fn forward_taps_tensors(
+        &self,
+        x: &Tensor,
+        names: &[String],
+    ) -> Result<(Forward, Vec<Tensor>)> {
+        self.run(x, true, &self.slots_of(names)?)
+    }
+
+    fn slots_of(&self, names: &[String]) -> Result<Vec<usize>> {
+        names
             .iter()
             .map(|n| {
                 self.slot_of
@@ -395,9 +409,7 @@ impl Program {
                     .copied()
                     .ok_or_else(|| anyhow!("the graph has no tensor '{n}'"))
             })
-            .collect::<Result<_>>()?;
-        let (f, kept) = self.run(x, false, &slots)?;
-        Ok((f.logits, kept))
+            .collect()
     }
 
     fn run(&self, x: &Tensor, taps: bool, keep: &[usize]) -> Result<(Forward, Vec<Tensor>)> {

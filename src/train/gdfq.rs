@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use super::losses::bns;
+use super::losses::{bns, feature_loss};
 use super::optim::{Adam, Sgd, State};
 use crate::generator::params::{load_tensors, save_tensors};
 use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator, Genotype};
@@ -90,6 +90,10 @@ pub struct Config {
     pub bns_weight: f64,
     /// Weight of the student's CE with the sampled labels (1 in the reference).
     pub student_ce_weight: f64,
+    /// Weight of intermediate-feature distillation (0 in the reference): the mean over the
+    /// student's activation quantization points of MSE(student, teacher) / mean(teacher^2).
+    #[serde(default)]
+    pub feature_weight: f64,
     pub temperature: f64,
     /// EMA factor of the activation-range observation during warm-up.
     pub range_ema: f64,
@@ -116,6 +120,7 @@ impl Config {
             generator_betas: (0.5, 0.999),
             bns_weight: 0.1,
             student_ce_weight: 1.0,
+            feature_weight: 0.0,
             temperature: 20.0,
             range_ema: 0.9,
             range_source: RangeSource::Ema,
@@ -156,6 +161,9 @@ pub struct Metrics {
     pub bns: f64,
     pub student_kd: Option<f64>,
     pub student_ce: Option<f64>,
+    /// The feature-distillation loss (before its weight), when `feature_weight` > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_feature: Option<f64>,
     pub student_lr: f64,
     /// Top-1 of the fake-quantized student on the measuring data, when evaluated.
     pub eval_top1: Option<f64>,
@@ -523,11 +531,21 @@ pub fn train(
     }
     let t0 = Instant::now();
     let teacher_taps = teacher.bn_taps().to_vec();
+    // The student is the BN-folded teacher, whose tensors keep the teacher's names.
+    let features: Vec<String> = if cfg.feature_weight > 0.0 {
+        plan.points
+            .iter()
+            .map(|p| p.tensor.clone())
+            .filter(|t| t != teacher.input_name())
+            .collect()
+    } else {
+        vec![]
+    };
     for iter in start..cfg.total_iters() {
         let epoch = iter / cfg.iters_per_epoch;
         let (z, y) = run.sample(cfg.batch)?;
         let images = run.generator.forward(&z, &y)?;
-        let t = teacher.forward_taps(&images)?;
+        let (t, teacher_features) = teacher.forward_taps_tensors(&images, &features)?;
         let ce = candle_nn::loss::cross_entropy(&t.logits, &y)?;
         let b = bns(&t.bn_inputs, &teacher_taps)?;
         let loss_g = (&ce + (&b * cfg.bns_weight)?)?;
@@ -542,7 +560,7 @@ pub fn train(
         run.gen_opt.step(&loss_g.backward()?)?;
         let images = images.detach();
         let lr = cfg.student_lr_at(epoch);
-        let (mut kd_v, mut sce_v) = (None, None);
+        let (mut kd_v, mut sce_v, mut feat_v) = (None, None, None);
         if iter < warmup {
             run.observe(&images)?;
             if iter + 1 == warmup {
@@ -550,10 +568,19 @@ pub fn train(
             }
         } else {
             run.student_opt.lr = lr;
-            let s = run.student.forward(&images)?;
+            let (s, student_features) = run.student.forward_tensors(&images, &features)?;
             let kd = kd_loss(&s, &t.logits.detach(), cfg.temperature)?;
             let sce = candle_nn::loss::cross_entropy(&s, &y)?;
-            let loss_s = (&kd + (&sce * cfg.student_ce_weight)?)?;
+            let mut loss_s = (&kd + (&sce * cfg.student_ce_weight)?)?;
+            if !features.is_empty() {
+                let f = feature_loss(&student_features, &teacher_features)?;
+                feat_v = Some(finite(
+                    f.to_scalar::<f32>()? as f64,
+                    "the feature-distillation loss",
+                    iter,
+                )?);
+                loss_s = (loss_s + (f * cfg.feature_weight)?)?;
+            }
             kd_v = Some(finite(
                 kd.to_scalar::<f32>()? as f64,
                 "the distillation loss",
@@ -584,6 +611,7 @@ pub fn train(
             bns: bns_v,
             student_kd: kd_v,
             student_ce: sce_v,
+            student_feature: feat_v,
             student_lr: lr,
             eval_top1,
             seconds: elapsed0 + t0.elapsed().as_secs_f64(),

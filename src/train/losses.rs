@@ -1,5 +1,6 @@
 //! Losses. BNS (GDFQ/ZeroQ): for every BatchNormalization of the teacher, the batch mean and
-//! biased variance per channel of its INPUT against the running statistics.
+//! biased variance per channel of its INPUT against the running statistics. Feature
+//! distillation: student activations against the teacher's, tensor by tensor.
 
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
@@ -28,4 +29,58 @@ pub fn bns(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
         });
     }
     Ok((total.expect("non-empty") / taps.len() as f64)?)
+}
+
+/// Intermediate-feature distillation: the mean over tensors of MSE(s, t) / mean(t^2), so every
+/// layer counts alike whatever its scale.
+pub fn feature_loss(student: &[Tensor], teacher: &[Tensor]) -> Result<Tensor> {
+    ensure!(
+        !student.is_empty() && student.len() == teacher.len(),
+        "feature distillation needs matching, non-empty tensor lists"
+    );
+    let mut total: Option<Tensor> = None;
+    for (s, t) in student.iter().zip(teacher) {
+        let t = t.detach();
+        let power = t.sqr()?.mean_all()?.to_scalar::<f32>()?.max(1e-8) as f64;
+        let l = ((s - &t)?.sqr()?.mean_all()? / power)?;
+        total = Some(match total {
+            Some(a) => (a + l)?,
+            None => l,
+        });
+    }
+    Ok((total.expect("non-empty") / student.len() as f64)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn feature_loss_is_relative_per_tensor_and_reaches_the_student() {
+        let d = Device::Cpu;
+        let t1 = Tensor::new(&[1f32, -2.0, 3.0, 0.0], &d).unwrap();
+        let t2 = (&t1 * 1000.0).unwrap();
+        let s1 = Var::new(&[1.5f32, -2.0, 3.0, 0.0], &d).unwrap();
+        let s2 = (&t2 + 10.0).unwrap();
+        // MSE / mean(t^2): (0.25 / 4) / (14 / 4) for the first, (100) / (14e6 / 4) for the
+        // second: the large tensor's absolute error is 400x larger but counts less.
+        let l = feature_loss(&[s1.as_tensor().clone(), s2], &[t1.clone(), t2])
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = ((0.25 / 4.0) / 3.5 + 100.0 / 3.5e6) / 2.0;
+        assert!((l as f64 - want).abs() < 1e-7, "{l} vs {want}");
+        // Zero for equal tensors; the gradient reaches the student and not the teacher.
+        let one = std::slice::from_ref(&t1);
+        let same = feature_loss(one, one).unwrap();
+        assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0);
+        let g = feature_loss(&[s1.as_tensor().clone()], &[t1])
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs: Vec<f32> = g.get(s1.as_tensor()).unwrap().to_vec1().unwrap();
+        assert!(gs[0] > 0.0 && gs[1..].iter().all(|&v| v == 0.0), "{gs:?}");
+        assert!(feature_loss(&[], &[]).is_err());
+    }
 }
