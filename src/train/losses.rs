@@ -71,7 +71,7 @@ mod tests {
             .unwrap();
         let want = ((0.25 / 4.0) / 3.5 + 100.0 / 3.5e6) / 2.0;
         assert!((l as f64 - want).abs() < 1e-7, "{l} vs {want}");
-        // Zero for equal tensors; the gradient reaches the student and not the teacher.
+        // Zero for equal tensors; the gradient reaches the student where it differs.
         let one = std::slice::from_ref(&t1);
         let same = feature_loss(one, one).unwrap();
         assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0);
