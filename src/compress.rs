@@ -320,6 +320,27 @@ impl GdfqArgs {
             c.warmup_epochs,
             c.iters_per_epoch
         );
+        // A negative weight or rate would train silently in the wrong direction.
+        for (flag, v) in [
+            ("--bns-weight", c.bns_weight),
+            ("--student-ce-weight", c.student_ce_weight),
+            ("--feature-weight", c.feature_weight),
+        ] {
+            ensure!(
+                v.is_finite() && v >= 0.0,
+                "{flag} must be a finite number >= 0 (got {v})"
+            );
+        }
+        for (flag, v) in [
+            ("--student-lr", c.student_lr),
+            ("--generator-lr", c.generator_lr),
+            ("--temperature", c.temperature),
+        ] {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "{flag} must be a finite number > 0 (got {v})"
+            );
+        }
         Ok(c)
     }
 }

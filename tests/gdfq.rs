@@ -213,6 +213,25 @@ fn feature_distillation_trains_a_different_student_and_logs_its_loss() {
 }
 
 #[test]
+fn negative_loss_weights_and_non_positive_rates_are_refused_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (arg, flag) in [
+        ("--feature-weight=-1", "--feature-weight"),
+        ("--student-ce-weight=-0.5", "--student-ce-weight"),
+        ("--bns-weight=NaN", "--bns-weight"),
+        ("--student-lr=0", "--student-lr"),
+        ("--temperature=-20", "--temperature"),
+    ] {
+        let out = tmp.path().join(flag.trim_start_matches('-'));
+        let run = gdfq(&out, &[arg]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{arg}: {err}");
+        assert!(err.contains(flag), "{arg}: {err}");
+        assert!(!out.exists(), "{arg}: nothing is written");
+    }
+}
+
+#[test]
 fn a_diverging_run_stops_with_a_message_and_keeps_its_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("nan");
