@@ -438,13 +438,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
             let pre = preprocess(pre, &loaded)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
-            if matches!(
-                opts.method,
-                crate::quant::calibrate::Method::Gdfq | crate::quant::calibrate::Method::Autorecon
-            ) {
-                // Bad settings are refused before anything is written.
-                opts.gdfq.config(opts.seed)?;
-            }
+            // Bad settings are refused before anything is written.
+            opts.check()?;
             // Resuming into the run's own folder is the normal case.
             let same = opts.gdfq.resume.as_deref() == Some(out.as_path());
             crate::compress::prepare_out_dir(&out, force || same)?;

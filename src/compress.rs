@@ -16,7 +16,7 @@ use crate::lower::lower;
 use crate::onnx::{self, LoadedModel};
 use crate::quant::calibrate::{self, Method, Ranges};
 use crate::quant::placement::{self, PlanOptions};
-use crate::quant::{BitSpec, QParams, Scales, WeightScheme};
+use crate::quant::{BitSpec, QParams, Scales, WeightClip, WeightScheme};
 use crate::search::{Sampling, SearchConfig, SearchPreset, SearchReport};
 use crate::train::gdfq::{
     self, Config as GdfqTrainConfig, GeneratorFamily, Metrics, Preset, RangeSource,
@@ -55,6 +55,11 @@ pub struct Options {
     /// `free` = range / levels.
     #[arg(long, value_enum, default_value_t = Scales::Exact)]
     pub scales: Scales,
+    /// Weight ranges: `none` (each channel's min/max) or `mse` (each channel clipped where its
+    /// squared quantization error is least; symmetric weights only). With gdfq the clip is found
+    /// once on the teacher's weights and kept during fine-tuning.
+    #[arg(long, value_enum, default_value_t = WeightClip::None)]
+    pub weight_clip: WeightClip,
     /// Keep 8-bit weights on the full int8 range; by default they use +-63, because ONNX
     /// Runtime's x86 U8S8 kernels without VNNI saturate with full-range weights.
     #[arg(long)]
@@ -201,6 +206,20 @@ pub struct Baseline {
     pub seconds: f64,
 }
 
+impl Options {
+    /// Refuses contradictory or out-of-range settings (called before anything is written).
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.weight_clip == WeightClip::None || self.weight_scheme == WeightScheme::Symmetric,
+            "--weight-clip mse clips each channel symmetrically: use it with --weight-scheme symmetric"
+        );
+        if matches!(self.method, Method::Gdfq | Method::Autorecon) {
+            self.gdfq.config(self.seed)?;
+        }
+        Ok(())
+    }
+}
+
 /// Flags of `--method gdfq` (unset budget flags take the preset's values).
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "GDFQ (--method gdfq)")]
@@ -261,6 +280,11 @@ pub struct GdfqArgs {
     /// `quick`).
     #[arg(long, value_enum)]
     pub range_source: Option<RangeSource>,
+    /// Learn the activation ranges with the student (LSQ-style gradients; the exported grids are
+    /// the learned ones): Adam learning rate relative to each range's starting width, decayed
+    /// with the student's [default: 0, ranges frozen after warm-up as the reference].
+    #[arg(long)]
+    pub range_lr: Option<f64>,
     /// Write a resumable checkpoint every N iterations.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: usize,
@@ -306,6 +330,7 @@ impl GdfqArgs {
         set(&mut c.feature_weight, &self.feature_weight);
         set(&mut c.range_ema, &self.range_ema);
         set(&mut c.range_source, &self.range_source);
+        set(&mut c.range_lr, &self.range_lr);
         if let Some(b) = &self.generator_betas {
             ensure!(
                 b.len() == 2,
@@ -325,6 +350,7 @@ impl GdfqArgs {
             ("--bns-weight", c.bns_weight),
             ("--student-ce-weight", c.student_ce_weight),
             ("--feature-weight", c.feature_weight),
+            ("--range-lr", c.range_lr),
         ] {
             ensure!(
                 v.is_finite() && v >= 0.0,
@@ -385,6 +411,7 @@ pub struct Report {
     pub bits: String,
     pub first_last_bits: Option<u8>,
     pub weight_scheme: WeightScheme,
+    pub weight_clip: WeightClip,
     pub scales: Scales,
     /// Layers whose f32 arithmetic is not provably exact (see `Scales::Exact`).
     pub inexact_layers: Vec<String>,
@@ -542,7 +569,8 @@ pub fn compress(
             r
         }
         Method::Gdfq | Method::Autorecon => {
-            let fixed = match opts.gdfq.config(opts.seed)?.range_source {
+            let cfg = opts.gdfq.config(opts.seed)?;
+            let fixed = match cfg.range_source {
                 RangeSource::Bn => ptq_bn_ranges(teacher, &plan, opts, c, &mut sources),
                 RangeSource::Ema => Ranges::new(),
             };
@@ -566,6 +594,15 @@ pub fn compress(
             };
             for t in r.keys().filter(|t| !fixed.contains_key(*t)) {
                 sources.insert(t.clone(), what.into());
+            }
+            if cfg.range_lr > 0.0 {
+                for t in r.keys() {
+                    let s = sources.entry(t.clone()).or_default();
+                    s.push_str(&format!(
+                        "; then learned with the student (--range-lr {})",
+                        cfg.range_lr
+                    ));
+                }
             }
             r
         }
@@ -602,6 +639,12 @@ pub fn compress(
             teacher.sha256.clone(),
         ),
     ];
+    // A GDFQ student was clipped while it trained; a PTQ one is clipped here.
+    if opts.weight_clip == WeightClip::Mse
+        && !matches!(opts.method, Method::Gdfq | Method::Autorecon)
+    {
+        folded = export::clip_weights(&folded, &plan)?;
+    }
     let export::Student {
         model: student,
         inexact_layers,
@@ -678,6 +721,7 @@ pub fn compress(
         bits: opts.bits.to_string(),
         first_last_bits: opts.first_last_bits,
         weight_scheme: opts.weight_scheme,
+        weight_clip: opts.weight_clip,
         scales: opts.scales,
         inexact_layers,
         bn: opts.bn,
@@ -733,6 +777,7 @@ fn run_gdfq(
     log: &mut dyn FnMut(&str),
 ) -> Result<(Ranges, crate::onnx::pb::ModelProto, GdfqReport)> {
     let mut cfg = opts.gdfq.config(opts.seed)?;
+    cfg.weight_clip = opts.weight_clip;
     let tp = lower(teacher, &Device::Cpu, DType::F32)?;
     let classes = classes(teacher, &tp, (channels, size))?;
     let mut search_report = None;

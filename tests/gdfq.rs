@@ -378,3 +378,118 @@ fn the_generator_flag_picks_the_generator() {
         .to_string();
     assert!(err.contains("genotype"), "{err}");
 }
+
+#[test]
+fn learned_ranges_move_the_exported_grids_and_resume_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, a, c) = (
+        tmp.path().join("plain"),
+        tmp.path().join("a"),
+        tmp.path().join("c"),
+    );
+    assert!(gdfq(&plain, &[]).status.success());
+    let learn = ["--range-lr", "0.05"];
+    let run = gdfq(&a, &learn);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap()
+    };
+    let (rp, ra) = (report(&plain), report(&a));
+    assert_eq!(ra["gdfq"]["config"]["range_lr"], 0.05);
+    // Same starting ranges, 8 student iterations of learning: some grid moved, and the
+    // exported student is still exactly what our simulation computes.
+    let acts = |r: &serde_json::Value| r["activations"].as_array().unwrap().clone();
+    let moved = acts(&rp)
+        .iter()
+        .zip(acts(&ra))
+        .filter(|(p, l)| p["range"] != l["range"])
+        .count();
+    assert!(moved > 0, "no activation range moved");
+    for act in acts(&ra) {
+        assert!(act["source"].as_str().unwrap().contains("learned"), "{act}");
+    }
+    assert_eq!(
+        ra["verification_noise"]["simulation"]["Ok"]["max_abs_logit_diff"],
+        0.0
+    );
+    // A crash after iteration 7 (checkpoint 6, during student training) resumes to the same
+    // student: learned ranges and their optimiser are part of the checkpoint.
+    let mut crash = learn.to_vec();
+    crash.extend(["--stop-after", "7"]);
+    assert!(!gdfq(&c, &crash).status.success());
+    assert!(c.join("checkpoint/ranges.safetensors").exists());
+    let mut resume = learn.to_vec();
+    resume.extend(["--resume", c.to_str().unwrap()]);
+    let resumed = gdfq(&c, &resume);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(student_bytes(&a), student_bytes(&c));
+}
+
+#[test]
+fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ptq = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "compress",
+            QUICKSTART,
+            "--bits",
+            "w4a4",
+            "--verify-images",
+            "16",
+            "--force",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        datafree(&args)
+    };
+    let report = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap()
+    };
+    let (plain, clipped) = (tmp.path().join("plain"), tmp.path().join("clipped"));
+    assert!(ptq(&plain, &[]).status.success());
+    let run = ptq(&clipped, &["--weight-clip", "mse"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_ne!(student_bytes(&plain), student_bytes(&clipped));
+    let r = report(&clipped);
+    assert_eq!(r["weight_clip"], "mse");
+    assert_eq!(
+        r["verification_noise"]["simulation"]["Ok"]["max_abs_logit_diff"],
+        0.0
+    );
+
+    // GDFQ keeps the clip while it trains.
+    let (g_plain, g_clipped) = (tmp.path().join("g-plain"), tmp.path().join("g-clipped"));
+    assert!(gdfq(&g_plain, &[]).status.success());
+    let run = gdfq(&g_clipped, &["--weight-clip", "mse"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_ne!(student_bytes(&g_plain), student_bytes(&g_clipped));
+    assert_eq!(report(&g_clipped)["gdfq"]["config"]["weight_clip"], "mse");
+
+    // Clipping is symmetric: asymmetric weights with it are refused before anything is written.
+    let bad = tmp.path().join("bad");
+    let run = ptq(
+        &bad,
+        &["--weight-clip", "mse", "--weight-scheme", "asymmetric"],
+    );
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("--weight-clip"), "{err}");
+    assert!(!bad.exists());
+}

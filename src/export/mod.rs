@@ -479,6 +479,36 @@ pub fn build_student(
     })
 }
 
+/// The model with every planned layer's weight clamped per output channel to its least-error
+/// symmetric clip ([`crate::quant::mse_weight_clip`]); min/max quantization then uses the
+/// clipped grids.
+pub fn clip_weights(
+    model: &ModelProto,
+    plan: &crate::quant::placement::Plan,
+) -> Result<ModelProto> {
+    let graph = model.graph.as_ref().expect("validated");
+    let mut values = HashMap::new();
+    for l in &plan.layers {
+        let t = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == l.weight)
+            .with_context(|| {
+                format!(
+                    "layer {}: weight {} is not an initializer",
+                    l.node, l.weight
+                )
+            })?;
+        let mut v = tensor::decode(t, None)
+            .map_err(anyhow::Error::msg)?
+            .to_f32();
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        crate::quant::clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, None);
+        values.insert(l.weight.clone(), v);
+    }
+    with_initializers(model, &values)
+}
+
 /// The model with the float initializers named in `values` replaced (same shapes).
 pub fn with_initializers(
     model: &ModelProto,

@@ -6,7 +6,7 @@
 
 use super::{QParams, WeightScheme, quantize_weight};
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 /// The dequantized values of a weight with output channels on `axis` (0, or 1 for a 2-D
 /// Gemm weight), exactly as the exported model's DequantizeLinear produces them.
@@ -113,4 +113,247 @@ pub fn fake_quant_activation(x: &Tensor, q: QParams) -> Result<Tensor> {
         .contiguous()?
         .apply_op1_no_bwd(&Activation(q))?;
     Ok((y.to_device(x.device())? + (x - x.detach())?)?)
+}
+
+/// An activation range that training learns (LSQ-style, Esser et al. 2020): `lo = width * a`,
+/// `hi = width * b` with `a`, `b` trainable, so one optimiser step size is relative to each
+/// range's starting width. The forward value is always the exact grid
+/// `QParams::activation(lo, hi, ..)` that the export writes.
+#[derive(Clone)]
+pub struct LearnedRange {
+    pub a: candle_core::Var,
+    pub b: candle_core::Var,
+    pub width: f32,
+    /// Whether `lo` trains (ranges that start at 0, e.g. after ReLU, keep it there).
+    pub learn_lo: bool,
+}
+
+impl LearnedRange {
+    pub fn new(lo: f32, hi: f32) -> Result<Self> {
+        let width = (hi - lo).max(1e-8);
+        Ok(Self {
+            a: candle_core::Var::new(&[lo / width], &Device::Cpu)?,
+            b: candle_core::Var::new(&[hi / width], &Device::Cpu)?,
+            width,
+            learn_lo: lo < 0.0,
+        })
+    }
+
+    /// The current range (what the grid and the export use).
+    pub fn range(&self) -> Result<(f32, f32)> {
+        let a = self.a.as_tensor().to_vec1::<f32>()?[0];
+        let b = self.b.as_tensor().to_vec1::<f32>()?[0];
+        Ok(((self.width * a).min(0.0), (self.width * b).max(0.0)))
+    }
+
+    /// The trainable variables (`a` only where `lo` trains).
+    pub fn vars(&self) -> Vec<candle_core::Var> {
+        let mut v = vec![self.b.clone()];
+        if self.learn_lo {
+            v.insert(0, self.a.clone());
+        }
+        v
+    }
+}
+
+struct Learned {
+    q: QParams,
+    width: f32,
+    learn_lo: bool,
+}
+
+impl candle_core::CustomOp3 for Learned {
+    fn name(&self) -> &'static str {
+        "datafree-learned-fake-quant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Activation(self.q).cpu_fwd(s, l)
+    }
+
+    /// LSQ's gradients for the grid y = (clamp(round(x/s) + z, 0, qmax) - z) * s with
+    /// s = (hi - lo) / qmax: inside the grid dy/dx = 1 and dy/dhi = -dy/dlo = (round(u) - u) /
+    /// qmax (u = x/s + z, the rounding error moves the range); above it dy/dhi = 1, below it
+    /// dy/dlo = 1, and dy/dx = 0 (a clipped value does not move with x).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let q = &self.q;
+        let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let gs: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let qmax = q.qmax as f32;
+        let (mut glo, mut ghi) = (0f64, 0f64);
+        let gx: Vec<f32> = xs
+            .iter()
+            .zip(&gs)
+            .map(|(&x, &g)| {
+                let u = x / q.scale + q.zero_point as f32;
+                let r = u.round_ties_even();
+                if r > qmax {
+                    ghi += g as f64;
+                    0.0
+                } else if r < q.qmin as f32 {
+                    glo += g as f64;
+                    0.0
+                } else {
+                    let e = ((r - u) / qmax) as f64 * g as f64;
+                    ghi += e;
+                    glo -= e;
+                    g
+                }
+            })
+            .collect();
+        let gx = Tensor::from_vec(gx, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        let w = self.width as f64;
+        let ga = Tensor::new(&[(glo * w) as f32], a.device())?.to_dtype(a.dtype())?;
+        let gb = Tensor::new(&[(ghi * w) as f32], b.device())?.to_dtype(b.dtype())?;
+        Ok((Some(gx), self.learn_lo.then_some(ga), Some(gb)))
+    }
+}
+
+/// Fake quantization of an activation on the grid of a learned range: the same forward value
+/// as [`fake_quant_activation`] on `QParams::activation(range, bits, scales)`, with gradients
+/// for the input and the range (see `Learned::bwd`). CPU only.
+pub fn fake_quant_learned(
+    x: &Tensor,
+    r: &LearnedRange,
+    bits: u8,
+    scales: super::Scales,
+) -> Result<Tensor> {
+    anyhow::ensure!(
+        x.device().is_cpu(),
+        "learned activation ranges (--range-lr) train on the CPU only"
+    );
+    let (lo, hi) = r.range()?;
+    let op = Learned {
+        q: QParams::activation(lo, hi, bits, scales),
+        width: r.width,
+        learn_lo: r.learn_lo,
+    };
+    Ok(x.contiguous()?
+        .apply_op3(r.a.as_tensor(), r.b.as_tensor(), op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::Scales;
+    use rand::{Rng, SeedableRng};
+
+    fn normal(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        // Sum of 12 uniforms minus 6: close enough to N(0, 1) for a range test.
+        (0..n)
+            .map(|_| (0..12).map(|_| r.random::<f32>()).sum::<f32>() - 6.0)
+            .collect()
+    }
+
+    #[test]
+    fn learned_range_forward_is_the_fixed_grid_and_gradients_follow_lsq() {
+        let v = normal(4096, 1);
+        let x = candle_core::Var::new(v.as_slice(), &Device::Cpu).unwrap();
+        let r = LearnedRange::new(-1.5, 2.0).unwrap();
+        let (lo, hi) = r.range().unwrap();
+        let q = QParams::activation(lo, hi, 4, Scales::Exact);
+        let y = fake_quant_learned(x.as_tensor(), &r, 4, Scales::Exact).unwrap();
+        let fixed = fake_quant_activation(x.as_tensor(), q).unwrap();
+        let (y, fixed): (Vec<f32>, Vec<f32>) = (y.to_vec1().unwrap(), fixed.to_vec1().unwrap());
+        assert_eq!(y, fixed);
+        // d sum(y) / dx: 1 on the grid, 0 where it saturates.
+        let loss = fake_quant_learned(x.as_tensor(), &r, 4, Scales::Exact)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let gx: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        let (blo, bhi) = q.bounds();
+        let (mut above, mut below) = (0, 0);
+        for (&xi, &g) in v.iter().zip(&gx) {
+            let code = q.quantize(xi);
+            if code == q.qmax && xi > bhi + q.scale / 2.0 {
+                above += 1;
+                assert_eq!(g, 0.0, "x {xi} above the grid");
+            } else if code == 0 && xi < blo - q.scale / 2.0 {
+                below += 1;
+                assert_eq!(g, 0.0, "x {xi} below the grid");
+            } else {
+                assert_eq!(g, 1.0, "x {xi} on the grid");
+            }
+        }
+        assert!(above > 10 && below > 10, "{above} {below}");
+        // Each saturated value pulls its end by width; rounding errors add a small rest.
+        let gb = grads
+            .get(r.b.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        let ga = grads
+            .get(r.a.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        let per = r.width * v.len() as f32 / q.qmax as f32 * 0.5;
+        assert!(
+            (gb - above as f32 * r.width).abs() <= per,
+            "{gb} vs {above}"
+        );
+        assert!(
+            (ga - below as f32 * r.width).abs() <= per,
+            "{ga} vs {below}"
+        );
+    }
+
+    #[test]
+    fn ranges_starting_at_zero_keep_their_lower_end() {
+        let r = LearnedRange::new(0.0, 3.0).unwrap();
+        assert!(!r.learn_lo);
+        assert_eq!(r.vars().len(), 1);
+        let x = Tensor::new(&[-1.0f32, 0.5, 4.0], &Device::Cpu).unwrap();
+        let loss = fake_quant_learned(&x, &r, 4, Scales::Exact)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(r.a.as_tensor()).is_none());
+        assert!(grads.get(r.b.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn training_a_too_wide_range_lowers_the_quantization_error() {
+        // N(0, 1) data on a 4-bit grid over [-8, 8]: steps of about 1, so most values round to
+        // -1, 0, 1; minimising the error must narrow the range (the MSE-optimal 4-bit range of a
+        // unit Gaussian is about +-2.5).
+        let v = normal(8192, 2);
+        let x = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+        let r = LearnedRange::new(-8.0, 8.0).unwrap();
+        let mse = |r: &LearnedRange| -> Tensor {
+            let y = fake_quant_learned(&x, r, 4, Scales::Exact).unwrap();
+            (y - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+        };
+        let before = mse(&r).to_scalar::<f32>().unwrap();
+        let mut opt = crate::train::optim::Adam::new(r.vars(), 0.02, (0.9, 0.999));
+        for _ in 0..100 {
+            opt.step(&mse(&r).backward().unwrap()).unwrap();
+        }
+        let after = mse(&r).to_scalar::<f32>().unwrap();
+        let (lo, hi) = r.range().unwrap();
+        assert!(after < before * 0.5, "mse {before} -> {after}");
+        assert!(
+            lo > -5.0 && hi < 5.0 && lo < -1.0 && hi > 1.0,
+            "[{lo}, {hi}]"
+        );
+    }
 }

@@ -260,6 +260,96 @@ pub fn quantize_weight(
     out
 }
 
+/// How weight ranges are chosen before quantization.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightClip {
+    /// Each channel's min/max (nothing clipped).
+    #[default]
+    None,
+    /// Each channel clipped symmetrically where its squared quantization error is least: the
+    /// float weights are clamped to +-c, so min/max quantization of the clamped weights (the
+    /// export, every engine) uses the clipped grid with no extra parameters.
+    Mse,
+}
+
+/// The symmetric `bits`-bit clipping threshold of each channel (channel-major `w`) with the
+/// least squared quantization error, searched over 1% steps from 20% to 100% of max |w|. Round
+/// half to even and saturation as ONNX; 100% (no clipping) wins ties.
+pub fn mse_weight_clip(w: &[f32], channels: usize, bits: u8) -> Vec<f32> {
+    let per = (w.len() / channels.max(1)).max(1);
+    let qmax = ((1i32 << (bits - 1)) - 1) as f32;
+    w.chunks(per)
+        .map(|row| {
+            let m = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            if m == 0.0 {
+                return 0.0;
+            }
+            let err = |c: f32| -> f64 {
+                let s = c / qmax;
+                row.iter()
+                    .map(|&v| {
+                        let q = (v / s).round_ties_even().clamp(-qmax, qmax) * s;
+                        ((v - q) as f64).powi(2)
+                    })
+                    .sum()
+            };
+            let mut best = (err(m), m);
+            for k in (20..100).rev() {
+                let c = m * k as f32 / 100.0;
+                let e = err(c);
+                if e < best.0 {
+                    best = (e, c);
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+/// Clamps a weight with output channels on `axis` (0, or 1 for a 2-D Gemm weight) to
+/// +-`clips` per channel; without `clips` they are found first ([`mse_weight_clip`]). Returns
+/// the clips used.
+pub fn clip_weight(
+    w: &mut [f32],
+    dims: &[usize],
+    axis: usize,
+    bits: u8,
+    clips: Option<&[f32]>,
+) -> Vec<f32> {
+    let channels = dims.get(axis).copied().unwrap_or(1);
+    // Channel c of element i: rows of `per` values for axis 0, columns for a 2-D axis 1.
+    let column = axis == 1 && dims.len() == 2;
+    let per = (w.len() / channels.max(1)).max(1);
+    let channel_of = |i: usize| if column { i % channels } else { i / per };
+    let clips = match clips {
+        Some(c) => c.to_vec(),
+        None => {
+            let mut rows = vec![Vec::new(); channels];
+            for (i, &v) in w.iter().enumerate() {
+                rows[channel_of(i)].push(v);
+            }
+            let flat: Vec<f32> = rows.concat();
+            mse_weight_clip(&flat, channels, bits)
+        }
+    };
+    for i in 0..w.len() {
+        let c = clips[channel_of(i)];
+        w[i] = w[i].clamp(-c, c);
+    }
+    clips
+}
+
 impl QuantizedWeight {
     fn with_capacity(values: usize, channels: usize) -> Self {
         Self {
@@ -319,6 +409,58 @@ pub fn quantize_weight_exact(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mse_clip_cuts_a_long_tailed_channel_and_keeps_a_uniform_one() {
+        // Channel 0: 1024 bell-shaped values (sums of 4 uniforms), whose rare large values
+        // stretch a 4-bit min/max grid (+-7 steps); channel 1: values uniform on the grid of
+        // its max, where clipping only adds error.
+        let mut state = 12345u32;
+        let mut uniform = || {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        let mut w: Vec<f32> = (0..1024)
+            .map(|_| (0..4).map(|_| uniform()).sum::<f32>())
+            .collect();
+        w.extend((0..1024).map(|i| (i % 15) as f32 - 7.0));
+        let clips = mse_weight_clip(&w, 2, 4);
+        let max0 = w[..1024].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            clips[0] < 0.9 * max0 && clips[0] > 0.4 * max0,
+            "{clips:?} of {max0}"
+        );
+        assert_eq!(clips[1], 7.0);
+        let err = |w: &[f32], c: f32| -> f32 {
+            let s = c / 7.0;
+            w.iter()
+                .map(|&v| (v - (v / s).round_ties_even().clamp(-7.0, 7.0) * s).powi(2))
+                .sum()
+        };
+        assert!(err(&w[..1024], clips[0]) < 0.9 * err(&w[..1024], max0));
+        // Clamping to the clips: min/max quantization of the result uses the clipped grid.
+        let mut c = w.clone();
+        let used = clip_weight(&mut c, &[2, 1024], 0, 4, None);
+        assert_eq!(used, clips);
+        let cmax = c[..1024].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_eq!(cmax, clips[0]);
+        assert_eq!(&c[1024..], &w[1024..]);
+        let q = quantize_weight(&c, 2, 4, WeightScheme::Symmetric);
+        assert!(
+            (q.scales[0] - clips[0] / 7.0).abs() < 1e-7,
+            "{:?}",
+            q.scales
+        );
+    }
+
+    #[test]
+    fn clip_weight_reads_channels_on_the_gemm_axis() {
+        // A 2-D weight [k=3, n=2] with output channels on axis 1 (columns).
+        let mut w = vec![1.0f32, 5.0, -2.0, 6.0, 3.0, -9.0];
+        let clips = clip_weight(&mut w, &[3, 2], 1, 8, Some(&[2.5, 6.0]));
+        assert_eq!(clips, vec![2.5, 6.0]);
+        assert_eq!(w, vec![1.0, 5.0, -2.0, 6.0, 2.5, -6.0]);
+    }
 
     #[test]
     fn parses_bit_specs() {

@@ -236,10 +236,11 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
     let _ = writeln!(o, "{} -> {}", r.teacher, r.student);
     let _ = writeln!(
         o,
-        "  {} {}, weights {}, BN {} ({} folded), {} layers, {} activation points",
+        "  {} {}, weights {} (clip {}), BN {} ({} folded), {} layers, {} activation points",
         r.bits,
         crate::compress::cli_name(&r.method),
         crate::compress::cli_name(&r.weight_scheme),
+        crate::compress::cli_name(&r.weight_clip),
         crate::compress::cli_name(&r.bn),
         r.bn_folded,
         r.layers.len(),

@@ -25,9 +25,11 @@ use super::optim::{Adam, Sgd, State};
 use crate::generator::params::{load_tensors, save_tensors};
 use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator, Genotype};
 use crate::lower::Program;
-use crate::quant::fake::{fake_quant_activation, fake_quant_weight};
+use crate::quant::fake::{
+    LearnedRange, fake_quant_activation, fake_quant_learned, fake_quant_weight,
+};
 use crate::quant::placement::Plan;
-use crate::quant::{QParams, Scales, WeightScheme};
+use crate::quant::{QParams, Scales, WeightClip, WeightScheme, clip_weight};
 
 /// Budget presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -98,6 +100,14 @@ pub struct Config {
     /// EMA factor of the activation-range observation during warm-up.
     pub range_ema: f64,
     pub range_source: RangeSource,
+    /// Adam learning rate of learned activation ranges, relative to each range's starting
+    /// width (0: ranges frozen after warm-up, as the reference). Decays with the student's.
+    #[serde(default)]
+    pub range_lr: f64,
+    /// Weight clipping: found once on the starting weights and kept by clamping the weights
+    /// after every student step (`--weight-clip`).
+    #[serde(default)]
+    pub weight_clip: WeightClip,
     pub seed: u64,
 }
 
@@ -124,6 +134,8 @@ impl Config {
             temperature: 20.0,
             range_ema: 0.9,
             range_source: RangeSource::Ema,
+            range_lr: 0.0,
+            weight_clip: WeightClip::None,
             seed,
         };
         match p {
@@ -264,6 +276,10 @@ struct Run<'a> {
     fixed: std::collections::HashSet<String>,
     classes: usize,
     scales: Scales,
+    /// Learned activation ranges by tensor (empty unless `range_lr` > 0 and warm-up is over);
+    /// `ranges` then keeps the starting ranges they were built from.
+    learned: Vec<(String, LearnedRange)>,
+    range_opt: Option<Adam>,
 }
 
 impl Run<'_> {
@@ -282,12 +298,69 @@ impl Run<'_> {
     }
 
     fn set_activation_quant(&mut self) -> Result<()> {
+        self.learned.clear();
         for p in &self.plan.points {
             let (lo, hi) = self.ranges[&p.tensor];
-            let q = QParams::activation(lo, hi, p.bits, self.scales);
-            self.student
-                .set_transform(&p.tensor, Arc::new(move |x| fake_quant_activation(x, q)))?;
+            let (bits, scales) = (p.bits, self.scales);
+            if self.cfg.range_lr > 0.0 {
+                let r = LearnedRange::new(lo, hi)?;
+                self.learned.push((p.tensor.clone(), r.clone()));
+                self.student.set_transform(
+                    &p.tensor,
+                    Arc::new(move |x| fake_quant_learned(x, &r, bits, scales)),
+                )?;
+            } else {
+                let q = QParams::activation(lo, hi, bits, scales);
+                self.student
+                    .set_transform(&p.tensor, Arc::new(move |x| fake_quant_activation(x, q)))?;
+            }
         }
+        if !self.learned.is_empty() {
+            let vars = self.learned.iter().flat_map(|(_, r)| r.vars()).collect();
+            self.range_opt = Some(Adam::new(vars, self.cfg.range_lr, (0.9, 0.999)));
+        }
+        Ok(())
+    }
+
+    /// The activation ranges now: the learned ones where ranges train, else the fixed ones.
+    fn current_ranges(&self) -> Result<HashMap<String, (f32, f32)>> {
+        let mut out = self.ranges.clone();
+        for (name, r) in &self.learned {
+            out.insert(name.clone(), r.range()?);
+        }
+        Ok(out)
+    }
+
+    fn learned_tensors(&self) -> Vec<(String, Tensor)> {
+        self.learned
+            .iter()
+            .flat_map(|(n, r)| {
+                [
+                    (format!("{n}.a"), r.a.as_tensor().clone()),
+                    (format!("{n}.b"), r.b.as_tensor().clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores learned ranges and their optimiser (after `set_activation_quant`).
+    fn load_learned(&mut self, dir: &Path) -> Result<()> {
+        let Some(opt) = &mut self.range_opt else {
+            return Ok(());
+        };
+        let saved = load_tensors(&dir.join("ranges.safetensors"), &Device::Cpu)?;
+        for (n, r) in &self.learned {
+            for (k, v) in [("a", &r.a), ("b", &r.b)] {
+                let t = saved
+                    .get(&format!("{n}.{k}"))
+                    .with_context(|| format!("{}: learned range of {n} missing", dir.display()))?;
+                v.set(t)?;
+            }
+        }
+        opt.load_state(&load_tensors(
+            &dir.join("ranges-adam.safetensors"),
+            &Device::Cpu,
+        )?)?;
         Ok(())
     }
 
@@ -340,6 +413,10 @@ impl Run<'_> {
                 &tmp.join("student-sgd.safetensors"),
                 self.student_opt.state()?,
             )?;
+            if let Some(opt) = &self.range_opt {
+                save_tensors(&tmp.join("ranges.safetensors"), self.learned_tensors())?;
+                save_tensors(&tmp.join("ranges-adam.safetensors"), opt.state()?)?;
+            }
             let state = Checkpoint {
                 config: self.cfg.clone(),
                 iter,
@@ -377,6 +454,19 @@ impl Run<'_> {
         self.ranges = state.ranges;
         Ok((state.iter, state.elapsed_seconds))
     }
+}
+
+/// Clamps a weight variable per output channel (see [`clip_weight`]); returns the clips.
+fn clamp_var(
+    var: &candle_core::Var,
+    l: &crate::quant::placement::Layer,
+    clips: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let dims = var.dims().to_vec();
+    let mut v: Vec<f32> = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    let c = clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, clips);
+    var.set(&Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?)?;
+    Ok(c)
 }
 
 fn finite(v: f64, what: &str, iter: usize) -> Result<f64> {
@@ -475,6 +565,22 @@ pub fn train(
             Arc::new(move |w| fake_quant_weight(w, axis, bits, scheme)),
         )?;
     }
+    // Clipped weights are clamped to their starting clips after every step (projected SGD), so
+    // the min/max grid of the trained weights is the clipped one.
+    let mut clips = Vec::new();
+    if cfg.weight_clip == WeightClip::Mse {
+        for l in &plan.layers {
+            let name = weight_names.get(&l.weight).unwrap_or(&l.weight);
+            let var = student
+                .vars()
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("layer {}: weight {name} is not trainable", l.node))?;
+            let c = clamp_var(&var, l, None)?;
+            clips.push((var, l.clone(), c));
+        }
+    }
     let student_vars: Vec<candle_core::Var> =
         student.vars().iter().map(|(_, v)| v.clone()).collect();
     let mut generator = build_generator(&cfg, classes, (channels, size))?;
@@ -503,10 +609,13 @@ pub fn train(
         plan,
         classes,
         scales,
+        learned: Vec::new(),
+        range_opt: None,
     };
     let metrics_path = io.out.join("metrics.jsonl");
     let (mut start, mut elapsed0, mut history, mut resumed_from) = (0, 0.0, Vec::new(), None);
     let mut log = Vec::new();
+    let mut resume_dir = None;
     if let Some(from) = io.resume {
         let dir = crate::io::find_checkpoint(from).with_context(|| {
             format!(
@@ -517,6 +626,7 @@ pub fn train(
         })?;
         (start, elapsed0) = run.load(&dir)?;
         resumed_from = Some(start);
+        resume_dir = Some(dir);
         // Keep the metrics up to the checkpoint; later lines are about to be recomputed.
         (log, history) =
             crate::io::kept_log_lines(&from.join("metrics.jsonl"), |m: &Metrics| m.iter < start)?;
@@ -528,6 +638,9 @@ pub fn train(
     let warmup = cfg.warmup_epochs * cfg.iters_per_epoch;
     if start >= warmup {
         run.set_activation_quant()?;
+        if let Some(dir) = &resume_dir {
+            run.load_learned(dir)?;
+        }
     }
     let t0 = Instant::now();
     let teacher_taps = teacher.bn_taps().to_vec();
@@ -591,7 +704,15 @@ pub fn train(
                 "the student's CE loss",
                 iter,
             )?);
-            run.student_opt.step(&loss_s.backward()?)?;
+            let grads = loss_s.backward()?;
+            run.student_opt.step(&grads)?;
+            for (var, l, c) in &clips {
+                clamp_var(var, l, Some(c))?;
+            }
+            if let Some(opt) = &mut run.range_opt {
+                opt.lr = cfg.range_lr * lr / cfg.student_lr;
+                opt.step(&grads)?;
+            }
         }
         let done = iter + 1;
         let eval_top1 = match io.eval {
@@ -645,7 +766,7 @@ pub fn train(
             ))
         })
         .collect::<Result<HashMap<_, _>>>()?;
-    let ranges = run.ranges.clone();
+    let ranges = run.current_ranges()?;
     run.student.clear_transforms();
     Ok(Outcome {
         ranges,
