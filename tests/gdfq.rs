@@ -46,6 +46,10 @@ fn gdfq(out: &Path, extra: &[&str]) -> std::process::Output {
     datafree(&args)
 }
 
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
 fn student_bytes(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("student.onnx")).unwrap()
 }
@@ -94,9 +98,8 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
         (0..12).collect::<Vec<_>>(),
         "one metrics line per iteration"
     );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(c.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["gdfq"]["resumed_from_iter"], 6);
+    let r = report(&c);
+    assert_eq!(r["gdfq"]["resumed_from_iter"], 6);
 
     // A different seed trains a different student.
     let d = tmp.path().join("d");
@@ -173,14 +176,13 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(student_bytes(&via_file), student_bytes(&via_flags));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(via_file.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["gdfq"]["config"]["temperature"], 20.0);
-    assert_eq!(report["gdfq"]["config"]["batch"], 8);
+    let r = report(&via_file);
+    assert_eq!(r["gdfq"]["config"]["temperature"], 20.0);
+    assert_eq!(r["gdfq"]["config"]["batch"], 8);
     // The reference's choices, not the quick preset's.
-    assert_eq!(report["gdfq"]["config"]["student_ce_weight"], 1.0);
-    assert_eq!(report["gdfq"]["config"]["student_lr"], 1e-4);
-    assert_eq!(report["gdfq"]["config"]["range_source"], "ema");
+    assert_eq!(r["gdfq"]["config"]["student_ce_weight"], 1.0);
+    assert_eq!(r["gdfq"]["config"]["student_lr"], 1e-4);
+    assert_eq!(r["gdfq"]["config"]["range_source"], "ema");
 }
 
 #[test]
@@ -207,9 +209,8 @@ fn feature_distillation_trains_a_different_student_and_logs_its_loss() {
             None => assert!(m.iter < 4, "{m:?}"),
         }
     }
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(feat.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["gdfq"]["config"]["feature_weight"], 1.0);
+    let r = report(&feat);
+    assert_eq!(r["gdfq"]["config"]["feature_weight"], 1.0);
 }
 
 #[test]
@@ -395,9 +396,6 @@ fn learned_ranges_move_the_exported_grids_and_resume_bit_for_bit() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let report = |d: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap()
-    };
     let (rp, ra) = (report(&plain), report(&a));
     assert_eq!(ra["gdfq"]["config"]["range_lr"], 0.05);
     // Same starting ranges, 8 student iterations of learning: some grid moved, and the
@@ -450,9 +448,6 @@ fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
         ];
         args.extend_from_slice(extra);
         datafree(&args)
-    };
-    let report = |d: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap()
     };
     let (plain, clipped) = (tmp.path().join("plain"), tmp.path().join("clipped"));
     assert!(ptq(&plain, &[]).status.success());
