@@ -439,7 +439,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pre = preprocess(pre, &loaded)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
             // Bad settings are refused before anything is written.
-            opts.check()?;
+            opts.check(&loaded)?;
             // Resuming into the run's own folder is the normal case.
             let same = opts.gdfq.resume.as_deref() == Some(out.as_path());
             crate::compress::prepare_out_dir(&out, force || same)?;

@@ -57,9 +57,10 @@ pub struct Options {
     pub scales: Scales,
     /// Weight ranges: `none` (each channel's min/max) or `mse` (each channel clipped where its
     /// squared quantization error is least; symmetric weights only). With gdfq the clip is found
-    /// once on the teacher's weights and kept during fine-tuning.
-    #[arg(long, value_enum, default_value_t = WeightClip::None)]
-    pub weight_clip: WeightClip,
+    /// once on the teacher's weights and kept during fine-tuning. [default: none; gdfq and
+    /// autorecon with symmetric weights: the preset's, quick mse, paper none]
+    #[arg(long, value_enum)]
+    pub weight_clip: Option<WeightClip>,
     /// Keep 8-bit weights on the full int8 range; by default they use +-63, because ONNX
     /// Runtime's x86 U8S8 kernels without VNNI saturate with full-range weights.
     #[arg(long)]
@@ -207,14 +208,44 @@ pub struct Baseline {
 }
 
 impl Options {
-    /// Refuses contradictory or out-of-range settings (called before anything is written).
-    pub fn check(&self) -> Result<()> {
+    fn trains(&self) -> bool {
+        matches!(self.method, Method::Gdfq | Method::Autorecon)
+    }
+
+    /// The weight clipping in force: the flag, else the GDFQ preset's (symmetric weights only),
+    /// else none.
+    pub fn weight_clip(&self) -> WeightClip {
+        match self.weight_clip {
+            Some(w) => w,
+            None if self.trains() && self.weight_scheme == WeightScheme::Symmetric => {
+                GdfqTrainConfig::preset(self.gdfq.preset, self.seed).weight_clip
+            }
+            None => WeightClip::None,
+        }
+    }
+
+    /// The GDFQ training configuration: the preset, the flags over it.
+    pub fn gdfq_config(&self) -> Result<GdfqTrainConfig> {
+        let mut c = self.gdfq.config(self.seed)?;
+        c.weight_clip = self.weight_clip();
+        Ok(c)
+    }
+
+    /// Refuses contradictory or out-of-range settings and teachers the method cannot use;
+    /// called before anything is written.
+    pub fn check(&self, teacher: &LoadedModel) -> Result<()> {
         ensure!(
-            self.weight_clip == WeightClip::None || self.weight_scheme == WeightScheme::Symmetric,
+            self.weight_clip() == WeightClip::None || self.weight_scheme == WeightScheme::Symmetric,
             "--weight-clip mse clips each channel symmetrically: use it with --weight-scheme symmetric"
         );
-        if matches!(self.method, Method::Gdfq | Method::Autorecon) {
-            self.gdfq.config(self.seed)?;
+        if self.trains() {
+            self.gdfq_config()?;
+            ensure!(
+                crate::onnx::bn::analyse(teacher).bn_count > 0,
+                "{}: --method {} needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept, or use --method ptq-noise or zeroq",
+                teacher.path.display(),
+                cli_name(&self.method)
+            );
         }
         Ok(())
     }
@@ -224,9 +255,10 @@ impl Options {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "GDFQ (--method gdfq)")]
 pub struct GdfqArgs {
-    /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 30 min on 2 CPU cores
-    /// for a CIFAR ResNet-20; distillation only at student lr 1e-3, ranges from BN statistics) or
-    /// `paper` (the reference: 400 x 200, batch 200, KD + CE at lr 1e-4, EMA ranges).
+    /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 30-40 min on 2 CPU
+    /// cores for a CIFAR ResNet-20; distillation only at student lr 1e-3, ranges from BN
+    /// statistics then learned, weights MSE-clipped) or `paper` (the reference: 400 x 200,
+    /// batch 200, KD + CE at lr 1e-4, EMA ranges, frozen after warm-up).
     #[arg(long, value_enum, default_value_t = Preset::Quick)]
     pub preset: Preset,
     #[arg(long)]
@@ -282,7 +314,8 @@ pub struct GdfqArgs {
     pub range_source: Option<RangeSource>,
     /// Learn the activation ranges with the student (LSQ-style gradients; the exported grids are
     /// the learned ones): Adam learning rate relative to each range's starting width, decayed
-    /// with the student's [default: 0, ranges frozen after warm-up as the reference].
+    /// with the student [default: quick 1e-3; paper 0, ranges frozen after warm-up as the
+    /// reference].
     #[arg(long)]
     pub range_lr: Option<f64>,
     /// Write a resumable checkpoint every N iterations.
@@ -470,6 +503,7 @@ pub fn compress(
     log: &mut dyn FnMut(&str),
 ) -> Result<Report> {
     let t0 = Instant::now();
+    opts.check(teacher)?;
     let (_, c, h, w) = input_geometry(teacher)?;
     let mut gdfq_report = None;
     let (mut folded, bn_folded) = match opts.bn {
@@ -569,7 +603,7 @@ pub fn compress(
             r
         }
         Method::Gdfq | Method::Autorecon => {
-            let cfg = opts.gdfq.config(opts.seed)?;
+            let cfg = opts.gdfq_config()?;
             let fixed = match cfg.range_source {
                 RangeSource::Bn => ptq_bn_ranges(teacher, &plan, opts, c, &mut sources),
                 RangeSource::Ema => Ranges::new(),
@@ -579,6 +613,7 @@ pub fn compress(
                 &float_model,
                 &plan,
                 opts,
+                cfg.clone(),
                 out,
                 data,
                 (c, h),
@@ -640,9 +675,7 @@ pub fn compress(
         ),
     ];
     // A GDFQ student was clipped while it trained; a PTQ one is clipped here.
-    if opts.weight_clip == WeightClip::Mse
-        && !matches!(opts.method, Method::Gdfq | Method::Autorecon)
-    {
+    if opts.weight_clip() == WeightClip::Mse && !opts.trains() {
         folded = export::clip_weights(&folded, &plan)?;
     }
     let export::Student {
@@ -721,7 +754,7 @@ pub fn compress(
         bits: opts.bits.to_string(),
         first_last_bits: opts.first_last_bits,
         weight_scheme: opts.weight_scheme,
-        weight_clip: opts.weight_clip,
+        weight_clip: opts.weight_clip(),
         scales: opts.scales,
         inexact_layers,
         bn: opts.bn,
@@ -770,14 +803,13 @@ fn run_gdfq(
     float_model: &LoadedModel,
     plan: &placement::Plan,
     opts: &Options,
+    mut cfg: GdfqTrainConfig,
     out: &Path,
     data: Option<(&Dataset, &Preprocess)>,
     (channels, size): (usize, usize),
     fixed: &Ranges,
     log: &mut dyn FnMut(&str),
 ) -> Result<(Ranges, crate::onnx::pb::ModelProto, GdfqReport)> {
-    let mut cfg = opts.gdfq.config(opts.seed)?;
-    cfg.weight_clip = opts.weight_clip;
     let tp = lower(teacher, &Device::Cpu, DType::F32)?;
     let classes = classes(teacher, &tp, (channels, size))?;
     let mut search_report = None;

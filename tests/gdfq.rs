@@ -71,6 +71,12 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
         "same seed, same student"
     );
     assert!(a.join("samples-000006.png").exists() && a.join("samples-000012.png").exists());
+    // The quick preset (the default) learns ranges and clips weights.
+    let cfg = &report(&a)["gdfq"]["config"];
+    assert_eq!(
+        (cfg["range_lr"].as_f64(), cfg["weight_clip"].as_str()),
+        (Some(1e-3), Some("mse"))
+    );
 
     // Crash after iteration 7 (last checkpoint: 6), then resume in place.
     let c = tmp.path().join("c");
@@ -183,6 +189,8 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
     assert_eq!(r["gdfq"]["config"]["student_ce_weight"], 1.0);
     assert_eq!(r["gdfq"]["config"]["student_lr"], 1e-4);
     assert_eq!(r["gdfq"]["config"]["range_source"], "ema");
+    assert_eq!(r["gdfq"]["config"]["range_lr"], 0.0);
+    assert_eq!(r["gdfq"]["config"]["weight_clip"], "none");
 }
 
 #[test]
@@ -256,15 +264,17 @@ fn a_bn_folded_teacher_is_refused_with_the_reason() {
         env!("CARGO_MANIFEST_DIR"),
         "/onnx/quickstart.bn-folded.onnx"
     );
+    let dir = tmp.path().join("x");
     let out = datafree(&[
         "compress",
         folded,
         "--method",
         "gdfq",
         "--out",
-        tmp.path().join("x").to_str().unwrap(),
+        dir.to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!dir.exists(), "refused before the output folder is made");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("BatchNormalization statistics")
@@ -388,7 +398,7 @@ fn learned_ranges_move_the_exported_grids_and_resume_bit_for_bit() {
         tmp.path().join("a"),
         tmp.path().join("c"),
     );
-    assert!(gdfq(&plain, &[]).status.success());
+    assert!(gdfq(&plain, &["--range-lr", "0"]).status.success());
     let learn = ["--range-lr", "0.05"];
     let run = gdfq(&a, &learn);
     assert!(
@@ -467,7 +477,7 @@ fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
 
     // GDFQ keeps the clip while it trains.
     let (g_plain, g_clipped) = (tmp.path().join("g-plain"), tmp.path().join("g-clipped"));
-    assert!(gdfq(&g_plain, &[]).status.success());
+    assert!(gdfq(&g_plain, &["--weight-clip", "none"]).status.success());
     let run = gdfq(&g_clipped, &["--weight-clip", "mse"]);
     assert!(
         run.status.success(),

@@ -40,7 +40,8 @@ pub enum Preset {
     /// About 30 minutes on 2 CPU cores for a CIFAR ResNet-20: 12 x 100 iterations, batch 64,
     /// and settings measured to work at that budget (issue 6): distillation only (no CE with
     /// the sampled labels, which a briefly trained generator often contradicts), 10x the
-    /// reference learning rate, activation ranges from the BN statistics (as `ptq-bn`).
+    /// reference learning rate, activation ranges from the BN statistics (as `ptq-bn`) then
+    /// learned with the student (range lr 1e-3), weights MSE-clipped per channel.
     Quick,
 }
 
@@ -149,6 +150,10 @@ impl Config {
                 lr_milestones: vec![8],
                 student_ce_weight: 0.0,
                 range_source: RangeSource::Bn,
+                // Measured on cifar100 w4a4 (two seeds): +2.3 to +3.3 points over frozen,
+                // unclipped grids at the same budget.
+                range_lr: 1e-3,
+                weight_clip: WeightClip::Mse,
                 ..paper
             },
         }
