@@ -7,6 +7,10 @@
 use super::{QParams, WeightScheme, quantize_weight};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel chunk: fixed, so sums over chunks do not depend on the thread count.
+const CHUNK: usize = 1 << 15;
 
 /// The dequantized values of a weight with output channels on `axis` (0, or 1 for a 2-D
 /// Gemm weight), exactly as the exported model's DequantizeLinear produces them.
@@ -84,9 +88,9 @@ impl CustomOp1 for Activation {
         let q = &self.0;
         let f = |x: f32| q.dequantize(q.quantize(x));
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].iter().map(|&x| f(x)).collect()),
+            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].par_iter().map(|&x| f(x)).collect()),
             CpuStorage::F64(v) => {
-                CpuStorage::F64(v[a..b].iter().map(|&x| f(x as f32) as f64).collect())
+                CpuStorage::F64(v[a..b].par_iter().map(|&x| f(x as f32) as f64).collect())
             }
             _ => {
                 return Err(candle_core::Error::Msg(
@@ -195,27 +199,33 @@ impl candle_core::CustomOp3 for Learned {
         let xs: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let gs: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let qmax = q.qmax as f32;
-        let (mut glo, mut ghi) = (0f64, 0f64);
-        let gx: Vec<f32> = xs
-            .iter()
-            .zip(&gs)
-            .map(|(&x, &g)| {
-                let u = x / q.scale + q.zero_point as f32;
-                let r = u.round_ties_even();
-                if r > qmax {
-                    ghi += g as f64;
-                    0.0
-                } else if r < q.qmin as f32 {
-                    glo += g as f64;
-                    0.0
-                } else {
-                    let e = ((r - u) / qmax) as f64 * g as f64;
-                    ghi += e;
-                    glo -= e;
-                    g
+        let mut gx = vec![0f32; xs.len()];
+        // Per-chunk range gradients, summed in chunk order (deterministic).
+        let parts: Vec<(f64, f64)> = gx
+            .par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
+            .map(|(out, (xs, gs))| {
+                let (mut glo, mut ghi) = (0f64, 0f64);
+                for ((o, &x), &g) in out.iter_mut().zip(xs).zip(gs) {
+                    let u = x / q.scale + q.zero_point as f32;
+                    let r = u.round_ties_even();
+                    if r > qmax {
+                        ghi += g as f64;
+                    } else if r < q.qmin as f32 {
+                        glo += g as f64;
+                    } else {
+                        let e = ((r - u) / qmax) as f64 * g as f64;
+                        ghi += e;
+                        glo -= e;
+                        *o = g;
+                    }
                 }
+                (glo, ghi)
             })
             .collect();
+        let (glo, ghi) = parts
+            .iter()
+            .fold((0f64, 0f64), |(a, b), (l, h)| (a + l, b + h));
         let gx = Tensor::from_vec(gx, x.dims(), x.device())?.to_dtype(x.dtype())?;
         let w = self.width as f64;
         let ga = Tensor::new(&[(glo * w) as f32], a.device())?.to_dtype(a.dtype())?;
