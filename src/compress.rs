@@ -255,7 +255,7 @@ impl Options {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "GDFQ (--method gdfq)")]
 pub struct GdfqArgs {
-    /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 30-40 min on 2 CPU
+    /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 35-50 min on 2 CPU
     /// cores for a CIFAR ResNet-20; distillation only at student lr 1e-3, ranges from BN
     /// statistics then learned, weights MSE-clipped) or `paper` (the reference: 400 x 200,
     /// batch 200, KD + CE at lr 1e-4, EMA ranges, frozen after warm-up).

@@ -37,7 +37,7 @@ use crate::quant::{QParams, Scales, WeightClip, WeightScheme, clip_weight};
 pub enum Preset {
     /// The reference CIFAR schedule: 400 epochs x 200 iterations, batch 200, 4 warm-up epochs.
     Paper,
-    /// About 30 minutes on 2 CPU cores for a CIFAR ResNet-20: 12 x 100 iterations, batch 64,
+    /// About 35-50 minutes on 2 CPU cores for a CIFAR ResNet-20: 12 x 100 iterations, batch 64,
     /// and settings measured to work at that budget (issue 6): distillation only (no CE with
     /// the sampled labels, which a briefly trained generator often contradicts), 10x the
     /// reference learning rate, activation ranges from the BN statistics (as `ptq-bn`) then
