@@ -234,19 +234,7 @@ pub fn build_student(
             let dims = w.dims.clone();
             let channels = dims[l.weight_axis];
             // Channel-major copy for per-channel quantization (axis 1 of a 2-D weight = columns).
-            let (rows, cm): (Vec<f32>, bool) = if l.weight_axis == 0 {
-                (w.to_f32(), false)
-            } else {
-                let v = w.to_f32();
-                let (k, n) = (dims[0], dims[1]);
-                (
-                    (0..n)
-                        .flat_map(|j| (0..k).map(move |i| (i, j)))
-                        .map(|(i, j)| v[i * n + j])
-                        .collect(),
-                    true,
-                )
-            };
+            let rows = crate::quant::channel_major(&w.to_f32(), &dims, l.weight_axis);
             let bias: Option<Vec<f32>> = l
                 .bias
                 .as_ref()
@@ -286,15 +274,7 @@ pub fn build_student(
                     quantize_weight(&rows, channels, l.weight_bits, scheme)
                 }
             };
-            let values: Vec<i8> = if cm {
-                let (k, n) = (dims[0], dims[1]);
-                (0..k)
-                    .flat_map(|i| (0..n).map(move |j| (i, j)))
-                    .map(|(i, j)| q.values[j * k + i])
-                    .collect()
-            } else {
-                q.values.clone()
-            };
+            let values = crate::quant::from_channel_major(&q.values, &dims, l.weight_axis);
             let base = l.weight.clone();
             let (qn, sn, zn, dq) = (
                 format!("{base}_quantized"),

@@ -4,7 +4,7 @@
 //! on min/max scales: with `Scales::Exact` the export then rounds each weight scale up to a
 //! short significand (a relative change of at most 2^-(bits-1) for the bits the layer allows).
 
-use super::{QParams, WeightScheme, quantize_weight};
+use super::{QParams, WeightScheme, channel_major, from_channel_major, quantize_weight};
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -21,19 +21,7 @@ pub fn dequantized_weight(
     bits: u8,
     scheme: WeightScheme,
 ) -> Vec<f32> {
-    let transposed = axis == 1 && dims.len() == 2;
-    let (k, n) = if transposed {
-        (dims[0], dims[1])
-    } else {
-        (0, 0)
-    };
-    let rows: Vec<f32> = if transposed {
-        (0..n)
-            .flat_map(|j| (0..k).map(move |i| v[i * n + j]))
-            .collect()
-    } else {
-        v.to_vec()
-    };
+    let rows = channel_major(v, dims, axis);
     let channels = dims[axis];
     let q = quantize_weight(&rows, channels, bits, scheme);
     let per = rows.len() / channels.max(1);
@@ -46,14 +34,7 @@ pub fn dequantized_weight(
             (x as i32 - q.zero_points[c] as i32) as f32 * q.scales[c]
         })
         .collect();
-    if transposed {
-        (0..k)
-            .flat_map(|i| (0..n).map(move |j| (i, j)))
-            .map(|(i, j)| deq[j * k + i])
-            .collect()
-    } else {
-        deq
-    }
+    from_channel_major(&deq, dims, axis)
 }
 
 /// Straight-through fake quantization of a weight tensor: the forward value is the dequantized

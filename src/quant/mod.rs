@@ -317,6 +317,31 @@ pub fn mse_weight_clip(w: &[f32], channels: usize, bits: u8) -> Vec<f32> {
         .collect()
 }
 
+/// A weight's values channel-major: as stored for output channels on axis 0, the columns of a
+/// 2-D weight for axis 1 (Gemm without transB, MatMul).
+pub fn channel_major<T: Copy>(v: &[T], dims: &[usize], axis: usize) -> Vec<T> {
+    if axis == 1 && dims.len() == 2 {
+        let (k, n) = (dims[0], dims[1]);
+        (0..n)
+            .flat_map(|j| (0..k).map(move |i| v[i * n + j]))
+            .collect()
+    } else {
+        v.to_vec()
+    }
+}
+
+/// The inverse of [`channel_major`]: back to the weight's stored layout.
+pub fn from_channel_major<T: Copy>(rows: &[T], dims: &[usize], axis: usize) -> Vec<T> {
+    if axis == 1 && dims.len() == 2 {
+        let (k, n) = (dims[0], dims[1]);
+        (0..k)
+            .flat_map(|i| (0..n).map(move |j| rows[j * k + i]))
+            .collect()
+    } else {
+        rows.to_vec()
+    }
+}
+
 /// Clamps a weight with output channels on `axis` (0, or 1 for a 2-D Gemm weight) to
 /// +-`clips` per channel; without `clips` they are found first ([`mse_weight_clip`]). Returns
 /// the clips used.
@@ -328,25 +353,14 @@ pub fn clip_weight(
     clips: Option<&[f32]>,
 ) -> Vec<f32> {
     let channels = dims.get(axis).copied().unwrap_or(1);
-    // Channel c of element i: rows of `per` values for axis 0, columns for a 2-D axis 1.
-    let column = axis == 1 && dims.len() == 2;
-    let per = (w.len() / channels.max(1)).max(1);
-    let channel_of = |i: usize| if column { i % channels } else { i / per };
-    let clips = match clips {
-        Some(c) => c.to_vec(),
-        None => {
-            let mut rows = vec![Vec::new(); channels];
-            for (i, &v) in w.iter().enumerate() {
-                rows[channel_of(i)].push(v);
-            }
-            let flat: Vec<f32> = rows.concat();
-            mse_weight_clip(&flat, channels, bits)
-        }
-    };
-    for i in 0..w.len() {
-        let c = clips[channel_of(i)];
-        w[i] = w[i].clamp(-c, c);
+    let mut rows = channel_major(w, dims, axis);
+    let clips = clips.map_or_else(|| mse_weight_clip(&rows, channels, bits), <[f32]>::to_vec);
+    let per = (rows.len() / channels.max(1)).max(1);
+    for (i, v) in rows.iter_mut().enumerate() {
+        let c = clips[i / per];
+        *v = v.clamp(-c, c);
     }
+    w.copy_from_slice(&from_channel_major(&rows, dims, axis));
     clips
 }
 
