@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{QUICKSTART, datafree};
+use common::{QUICKSTART, assert_success, datafree};
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
@@ -59,11 +59,7 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let run = gdfq(&a, &[]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     assert!(gdfq(&b, &[]).status.success());
     assert_eq!(
         student_bytes(&a),
@@ -84,11 +80,7 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
     assert!(!crashed.status.success());
     assert!(!c.join("student.onnx").exists());
     let resumed = gdfq(&c, &["--resume", c.to_str().unwrap()]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert_success(&resumed);
     assert_eq!(
         student_bytes(&a),
         student_bytes(&c),
@@ -139,11 +131,7 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
     }
     args.extend(["--", "--verify-images", "16"]);
     let out = datafree(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // The reference settings of the file, given as flags.
     let via_flags = tmp.path().join("flags");
     let out = datafree(&[
@@ -176,11 +164,7 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
         "--generator-betas",
         "0.5,0.999",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert_eq!(student_bytes(&via_file), student_bytes(&via_flags));
     let r = report(&via_file);
     assert_eq!(r["gdfq"]["config"]["temperature"], 20.0);
@@ -199,11 +183,7 @@ fn feature_distillation_trains_a_different_student_and_logs_its_loss() {
     let (plain, feat) = (tmp.path().join("plain"), tmp.path().join("feat"));
     assert!(gdfq(&plain, &[]).status.success());
     let run = gdfq(&feat, &["--feature-weight", "1"]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     assert_ne!(student_bytes(&plain), student_bytes(&feat));
     let lines: Vec<Metrics> = std::fs::read_to_string(feat.join("metrics.jsonl"))
         .unwrap()
@@ -401,11 +381,7 @@ fn learned_ranges_move_the_exported_grids_and_resume_bit_for_bit() {
     assert!(gdfq(&plain, &["--range-lr", "0"]).status.success());
     let learn = ["--range-lr", "0.05"];
     let run = gdfq(&a, &learn);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     let (rp, ra) = (report(&plain), report(&a));
     assert_eq!(ra["gdfq"]["config"]["range_lr"], 0.05);
     // Same starting ranges, 8 student iterations of learning: some grid moved, and the
@@ -433,11 +409,7 @@ fn learned_ranges_move_the_exported_grids_and_resume_bit_for_bit() {
     let mut resume = learn.to_vec();
     resume.extend(["--resume", c.to_str().unwrap()]);
     let resumed = gdfq(&c, &resume);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert_success(&resumed);
     assert_eq!(student_bytes(&a), student_bytes(&c));
 }
 
@@ -462,11 +434,7 @@ fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
     let (plain, clipped) = (tmp.path().join("plain"), tmp.path().join("clipped"));
     assert!(ptq(&plain, &[]).status.success());
     let run = ptq(&clipped, &["--weight-clip", "mse"]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     assert_ne!(student_bytes(&plain), student_bytes(&clipped));
     let r = report(&clipped);
     assert_eq!(r["weight_clip"], "mse");
@@ -479,11 +447,7 @@ fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
     let (g_plain, g_clipped) = (tmp.path().join("g-plain"), tmp.path().join("g-clipped"));
     assert!(gdfq(&g_plain, &["--weight-clip", "none"]).status.success());
     let run = gdfq(&g_clipped, &["--weight-clip", "mse"]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    assert_success(&run);
     assert_ne!(student_bytes(&g_plain), student_bytes(&g_clipped));
     assert_eq!(report(&g_clipped)["gdfq"]["config"]["weight_clip"], "mse");
 

@@ -254,11 +254,7 @@ fn check_command_passes_on_the_quickstart_teacher() {
         .arg(std::path::PathBuf::from(common::QUICKSTART))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pass"], true);
     assert_eq!(v["images"], 40);

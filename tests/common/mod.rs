@@ -17,6 +17,15 @@ pub fn datafree(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Asserts that a run succeeded, showing its stderr when it did not.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
