@@ -529,7 +529,10 @@ pub fn compress(
     let float_dir = tempfile::tempdir()?;
     let float_path = float_dir.path().join("float-student.onnx");
     crate::onnx::builder::write_model(&float_path, &folded)?;
-    let float_model = onnx::load_model(&float_path)?;
+    let mut float_model = onnx::load_model(&float_path)?;
+    // It is the teacher's graph (BN folded, node names kept): errors name the teacher's file,
+    // and external data stays relative to the teacher's folder.
+    float_model.path = teacher.path.clone();
     let tc = Instant::now();
     let tensors: Vec<String> = plan.points.iter().map(|p| p.tensor.clone()).collect();
     let mut sources = std::collections::HashMap::new();

@@ -480,3 +480,39 @@ fn ptq_bn_on_a_bn_folded_teacher_says_it_fell_back_to_noise() {
         "{notes}"
     );
 }
+
+#[test]
+fn an_unsupported_op_is_reported_in_the_teachers_file() {
+    let mut m = ModelBuilder::new("unsupported", 17);
+    m.input(
+        "x",
+        DataType::Float,
+        &[Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(8), Dim::Fixed(8)],
+    );
+    let w = m.init_f32("w", &[4, 3, 3, 3], &[0.1; 108]);
+    m.node(
+        "Conv",
+        "conv1",
+        &["x", &w],
+        &["c"],
+        vec![datafree::onnx::builder::attr_ints("pads", &[1, 1, 1, 1])],
+    );
+    m.node("LpNormalization", "norm1", &["c"], &["n"], vec![]);
+    m.node("Flatten", "flat", &["n"], &["y"], vec![]);
+    m.output("y", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(256)]);
+    let (dir, path) = common::write_temp(&m.build(), "unsupported.onnx");
+    let out = datafree(&[
+        "compress",
+        path.to_str().unwrap(),
+        "--bits",
+        "w4a4",
+        "--out",
+        dir.path().join("q").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("unsupported.onnx: node 'norm1' (LpNormalization)"),
+        "{err}"
+    );
+}
