@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     let d = datafree::data::synthetic::generate(split, n)
         .ok_or_else(|| anyhow::anyhow!("unknown split '{split}' (train, test)"))?;
     let imgs: Vec<&[u8]> = d.pixels.chunks(3 * 32 * 32).collect();
-    datafree::report::save_grid(std::path::Path::new(out), &imgs, 32, 32, 10, 3)?;
+    datafree::plot::save_grid(std::path::Path::new(out), &imgs, 32, 32, 10, 3)?;
     let names: Vec<&str> = d
         .labels
         .iter()

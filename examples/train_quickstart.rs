@@ -93,7 +93,10 @@ fn main() -> Result<()> {
             value: v.clone(),
         }
     }));
-    let (folded, _) = datafree::export::fold_bn(&trained)?;
+    let (folded, _) = datafree::export::fold_bn(&datafree::onnx::LoadedModel::from_proto(
+        &dir.join("quickstart.onnx"),
+        trained.clone(),
+    ))?;
     for (name, m) in [
         ("quickstart.onnx", &trained),
         ("quickstart.bn-folded.onnx", &folded),

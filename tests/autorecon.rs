@@ -377,9 +377,10 @@ fn search_is_deterministic_resumes_bit_for_bit_and_feeds_compress() {
         ok(&o);
         let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(r["method"], "autorecon");
-        assert_eq!(r["gdfq"]["config"]["generator"], "autorecon");
-        assert_eq!(r["gdfq"]["config"]["genotype"]["width"], 4);
-        assert!(r["gdfq"]["generator_macs"].as_u64().unwrap() > 0);
+        assert_eq!(r["training"]["method"], "autorecon");
+        assert_eq!(r["training"]["config"]["generator"], "autorecon");
+        assert_eq!(r["training"]["config"]["genotype"]["width"], 4);
+        assert!(r["training"]["generator_macs"].as_u64().unwrap() > 0);
         assert!(out.join("student.onnx").exists() && out.join("samples-000004.png").exists());
         assert!(r["verification_noise"]["agreement"].as_f64().unwrap() > 0.0);
     }
@@ -426,8 +427,8 @@ fn compress_autorecon_without_a_genotype_searches_first() {
     ok(&o);
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(out.join("search/genotype.json").exists() && out.join("search/genotype.svg").exists());
-    assert_eq!(r["gdfq"]["search"]["config"]["width"], 4);
-    assert_eq!(r["gdfq"]["config"]["genotype"]["width"], 8);
+    assert_eq!(r["training"]["search"]["config"]["width"], 4);
+    assert_eq!(r["training"]["config"]["genotype"]["width"], 8);
     // Killed during the search, resumed: the same student as the uninterrupted run.
     let k = tmp.path().join("k");
     let mut args = args.clone();
@@ -499,7 +500,7 @@ fn the_autorecon_pipeline_file_runs() {
     ok(&datafree(&args));
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(r["gdfq"]["search"]["config"]["sampling"], "soft");
-    assert_eq!(r["gdfq"]["search"]["config"]["tau"][1], 0.1);
-    assert_eq!(r["gdfq"]["config"]["temperature"], 20.0);
+    assert_eq!(r["training"]["search"]["config"]["sampling"], "soft");
+    assert_eq!(r["training"]["search"]["config"]["tau"][1], 0.1);
+    assert_eq!(r["training"]["config"]["temperature"], 20.0);
 }

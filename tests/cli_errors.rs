@@ -108,8 +108,8 @@ fn missing_external_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = fixtures::quickstart();
     let t = &mut m.graph.as_mut().unwrap().initializer[0];
-    let len = t.raw_data.len();
-    t.raw_data.clear();
+    let raw = std::mem::take(&mut t.raw_data);
+    let len = raw.len();
     t.data_location = Some(DataLocation::External as i32);
     let kv = |k: &str, v: &str| StringStringEntryProto {
         key: k.into(),
@@ -123,7 +123,7 @@ fn missing_external_data_file() {
     write_model(&path, &m).unwrap();
     assert_bad(&path, "weights.bin");
     // With the file present the same model inspects fine.
-    std::fs::write(dir.path().join("weights.bin"), vec![0u8; len]).unwrap();
+    std::fs::write(dir.path().join("weights.bin"), raw).unwrap();
     let (code, stdout, stderr) = inspect(&path);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("BN statistics: complete"), "{stdout}");

@@ -77,7 +77,11 @@ fn quantize_dequantize_match_ort_on_ties_and_saturation() {
 #[test]
 fn bn_folding_preserves_outputs_and_tensor_names() {
     let teacher = fixtures::quickstart();
-    let (folded, n) = fold_bn(&teacher).unwrap();
+    let (folded, n) = fold_bn(&datafree::onnx::LoadedModel::from_proto(
+        std::path::Path::new("t.onnx"),
+        teacher.clone(),
+    ))
+    .unwrap();
     assert_eq!(n, 4);
     let g = folded.graph.as_ref().unwrap();
     assert!(g.node.iter().all(|n| n.op_type != "BatchNormalization"));

@@ -68,7 +68,7 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
     );
     assert!(a.join("samples-000006.png").exists() && a.join("samples-000012.png").exists());
     // The quick preset (the default) learns ranges and clips weights.
-    let cfg = &report(&a)["gdfq"]["config"];
+    let cfg = &report(&a)["training"]["config"];
     assert_eq!(
         (cfg["range_lr"].as_f64(), cfg["weight_clip"].as_str()),
         (Some(1e-3), Some("mse"))
@@ -97,7 +97,7 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
         "one metrics line per iteration"
     );
     let r = report(&c);
-    assert_eq!(r["gdfq"]["resumed_from_iter"], 6);
+    assert_eq!(r["training"]["resumed_from_iter"], 6);
 
     // A different seed trains a different student.
     let d = tmp.path().join("d");
@@ -167,14 +167,14 @@ fn a_pipeline_file_runs_the_same_compress_as_the_flags() {
     assert_success(&out);
     assert_eq!(student_bytes(&via_file), student_bytes(&via_flags));
     let r = report(&via_file);
-    assert_eq!(r["gdfq"]["config"]["temperature"], 20.0);
-    assert_eq!(r["gdfq"]["config"]["batch"], 8);
+    assert_eq!(r["training"]["config"]["temperature"], 20.0);
+    assert_eq!(r["training"]["config"]["batch"], 8);
     // The reference's choices, not the quick preset's.
-    assert_eq!(r["gdfq"]["config"]["student_ce_weight"], 1.0);
-    assert_eq!(r["gdfq"]["config"]["student_lr"], 1e-4);
-    assert_eq!(r["gdfq"]["config"]["range_source"], "ema");
-    assert_eq!(r["gdfq"]["config"]["range_lr"], 0.0);
-    assert_eq!(r["gdfq"]["config"]["weight_clip"], "none");
+    assert_eq!(r["training"]["config"]["student_ce_weight"], 1.0);
+    assert_eq!(r["training"]["config"]["student_lr"], 1e-4);
+    assert_eq!(r["training"]["config"]["range_source"], "ema");
+    assert_eq!(r["training"]["config"]["range_lr"], 0.0);
+    assert_eq!(r["training"]["config"]["weight_clip"], "none");
 }
 
 #[test]
@@ -198,7 +198,7 @@ fn feature_distillation_trains_a_different_student_and_logs_its_loss() {
         }
     }
     let r = report(&feat);
-    assert_eq!(r["gdfq"]["config"]["feature_weight"], 1.0);
+    assert_eq!(r["training"]["config"]["feature_weight"], 1.0);
 }
 
 #[test]
@@ -349,7 +349,7 @@ fn the_generator_flag_picks_the_generator() {
     use datafree::train::gdfq::{Config, GeneratorFamily, Preset, build_generator};
     let mut cfg = Config::preset(Preset::Quick, 0);
     let names = |cfg: &Config| -> Vec<String> {
-        build_generator(cfg, 10, (3, 32))
+        build_generator(cfg, 10, (3, 32), &Device::Cpu)
             .unwrap()
             .params()
             .named()
@@ -363,7 +363,7 @@ fn the_generator_flag_picks_the_generator() {
     assert!(!imagenet.contains(&"label_emb".to_string()));
     assert!(imagenet.contains(&"bn_out.weight".to_string()));
     cfg.generator = GeneratorFamily::Autorecon;
-    let err = build_generator(&cfg, 10, (3, 32))
+    let err = build_generator(&cfg, 10, (3, 32), &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -383,7 +383,7 @@ fn learned_ranges_move_the_exported_grids_and_resume_bit_for_bit() {
     let run = gdfq(&a, &learn);
     assert_success(&run);
     let (rp, ra) = (report(&plain), report(&a));
-    assert_eq!(ra["gdfq"]["config"]["range_lr"], 0.05);
+    assert_eq!(ra["training"]["config"]["range_lr"], 0.05);
     // Same starting ranges, 8 student iterations of learning: some grid moved, and the
     // exported student is still exactly what our simulation computes.
     let acts = |r: &serde_json::Value| r["activations"].as_array().unwrap().clone();
@@ -449,7 +449,10 @@ fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
     let run = gdfq(&g_clipped, &["--weight-clip", "mse"]);
     assert_success(&run);
     assert_ne!(student_bytes(&g_plain), student_bytes(&g_clipped));
-    assert_eq!(report(&g_clipped)["gdfq"]["config"]["weight_clip"], "mse");
+    assert_eq!(
+        report(&g_clipped)["training"]["config"]["weight_clip"],
+        "mse"
+    );
 
     // Clipping is symmetric: asymmetric weights with it are refused before anything is written.
     let bad = tmp.path().join("bad");

@@ -94,7 +94,7 @@ fn committed_quickstart_models_are_what_the_project_makes() {
         meta.contains(&"datafree.preprocess.mean") && meta.contains(&"datafree.recipe"),
         "{meta:?}"
     );
-    let (folded, n) = datafree::export::fold_bn(&teacher.proto).unwrap();
+    let (folded, n) = datafree::export::fold_bn(&teacher).unwrap();
     assert_eq!(n, 4);
     let committed = std::fs::read(common::repo().join("onnx/quickstart.bn-folded.onnx")).unwrap();
     assert!(

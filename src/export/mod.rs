@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::onnx::LoadedModel;
 use crate::onnx::builder::{node_proto, tensor_f32, tensor_raw};
 use crate::onnx::graph::{GraphIndex, attr_float, display_name};
 use crate::onnx::pb::{
@@ -21,7 +22,9 @@ use crate::quant::{
 
 /// Folds every BatchNormalization whose input comes only from a Conv into that Conv. Returns the
 /// new model and the number of BNs folded. BNs elsewhere (pre-activation nets) stay.
-pub fn fold_bn(model: &ModelProto) -> Result<(ModelProto, usize)> {
+pub fn fold_bn(model: &LoadedModel) -> Result<(ModelProto, usize)> {
+    let dir = Some(model.dir());
+    let model = &model.proto;
     let mut out = model.clone();
     let graph = model.graph.as_ref().expect("validated");
     let g = GraphIndex::new(graph);
@@ -49,7 +52,7 @@ pub fn fold_bn(model: &ModelProto) -> Result<(ModelProto, usize)> {
         };
         let get = |k: usize| -> Result<Vec<f32>> {
             let name = bn.input.get(k).context("BN input missing")?;
-            Ok(g.resolve_constant(name, None)
+            Ok(g.resolve_constant(name, dir)
                 .map_err(anyhow::Error::msg)?
                 .with_context(|| format!("BN parameter '{name}' is not constant"))?
                 .data
@@ -57,7 +60,7 @@ pub fn fold_bn(model: &ModelProto) -> Result<(ModelProto, usize)> {
         };
         let (gamma, beta, mean, var) = (get(1)?, get(2)?, get(3)?, get(4)?);
         let eps = attr_float(bn, "epsilon", 1e-5);
-        let w = tensor::decode(w_t, None)
+        let w = tensor::decode(w_t, dir)
             .map_err(anyhow::Error::msg)?
             .to_f32();
         let c = gamma.len();
@@ -70,7 +73,7 @@ pub fn fold_bn(model: &ModelProto) -> Result<(ModelProto, usize)> {
         );
         let b0 = match conv.input.get(2).filter(|b| !b.is_empty()) {
             Some(b) => g
-                .resolve_constant(b, None)
+                .resolve_constant(b, dir)
                 .map_err(anyhow::Error::msg)?
                 .context("conv bias is not constant")?
                 .data
@@ -197,7 +200,7 @@ pub struct Student {
 
 /// Builds the QDQ student from a (BN-folded) float model, a plan and activation parameters.
 pub fn build_student(
-    model: &ModelProto,
+    model: &LoadedModel,
     plan: &Plan,
     params: &PointParams,
     weights: WeightOptions,
@@ -209,17 +212,14 @@ pub fn build_student(
         int4: int4_weights,
     } = weights;
     let mut inexact_layers = Vec::new();
-    let opset = model
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-        .map_or(0, |o| o.version);
+    let opset = model.opset;
     if opset < 13 {
         bail!(
             "per-channel QuantizeLinear/DequantizeLinear needs opset 13 or newer, the model has {opset}; re-export it with opset_version >= 13"
         );
     }
-    let mut out = model.clone();
+    let dir = Some(model.dir());
+    let mut out = model.proto.clone();
     let graph = out.graph.as_mut().expect("validated");
     let mut weight_nodes: Vec<NodeProto> = Vec::new();
     let mut inits: Vec<TensorProto> = Vec::new();
@@ -230,7 +230,7 @@ pub fn build_student(
             let wt = g
                 .initializer(&l.weight)
                 .context("weight initializer vanished")?;
-            let w = tensor::decode(wt, None).map_err(anyhow::Error::msg)?;
+            let w = tensor::decode(wt, dir).map_err(anyhow::Error::msg)?;
             let dims = w.dims.clone();
             let channels = dims[l.weight_axis];
             // Channel-major copy for per-channel quantization (axis 1 of a 2-D weight = columns).
@@ -239,12 +239,10 @@ pub fn build_student(
                 .bias
                 .as_ref()
                 .map(|b| -> Result<Vec<f32>> {
-                    let bv = tensor::decode(
-                        g.initializer(b).context("bias initializer vanished")?,
-                        None,
-                    )
-                    .map_err(anyhow::Error::msg)?
-                    .to_f32();
+                    let bv =
+                        tensor::decode(g.initializer(b).context("bias initializer vanished")?, dir)
+                            .map_err(anyhow::Error::msg)?
+                            .to_f32();
                     ensure!(
                         bv.len() == channels,
                         "bias '{b}' of '{}' has {} values for {channels} channels",
@@ -463,10 +461,10 @@ pub fn build_student(
 /// symmetric clip ([`crate::quant::mse_weight_clip`]); min/max quantization then uses the
 /// clipped grids.
 pub fn clip_weights(
-    model: &ModelProto,
+    model: &LoadedModel,
     plan: &crate::quant::placement::Plan,
 ) -> Result<ModelProto> {
-    let graph = model.graph.as_ref().expect("validated");
+    let graph = model.graph();
     let mut values = HashMap::new();
     for l in &plan.layers {
         let t = graph
@@ -479,14 +477,14 @@ pub fn clip_weights(
                     l.node, l.weight
                 )
             })?;
-        let mut v = tensor::decode(t, None)
+        let mut v = tensor::decode(t, Some(model.dir()))
             .map_err(anyhow::Error::msg)?
             .to_f32();
         let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         crate::quant::clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, None);
         values.insert(l.weight.clone(), v);
     }
-    with_initializers(model, &values)
+    with_initializers(&model.proto, &values)
 }
 
 /// The model with the float initializers named in `values` replaced (same shapes).

@@ -38,6 +38,28 @@ pub fn batch_norm(x: &Tensor, affine: Option<(&Tensor, &Tensor)>, eps: f64) -> R
     })
 }
 
+/// A batch of latents z ~ N(0, 1) (n x latent) and labels uniform over `classes`, drawn from
+/// `rng` in that order (the same draws on every device).
+pub fn sample(
+    rng: &mut impl rand::Rng,
+    n: usize,
+    latent: usize,
+    classes: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    use rand_distr::Distribution;
+    let z: Vec<f32> = (0..n * latent)
+        .map(|_| rand_distr::StandardNormal.sample(rng))
+        .collect();
+    let y: Vec<u32> = (0..n)
+        .map(|_| rng.random_range(0..classes as u32))
+        .collect();
+    Ok((
+        Tensor::from_vec(z, (n, latent), device)?,
+        Tensor::from_vec(y, n, device)?,
+    ))
+}
+
 /// What the training loops need of a generator.
 pub trait Generator {
     fn latent(&self) -> usize;

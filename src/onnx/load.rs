@@ -28,6 +28,20 @@ impl LoadedModel {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
+    /// A model built in memory, named `path` for messages (and external data, relative to its
+    /// folder); size and hash are those of its encoding.
+    pub fn from_proto(path: &Path, proto: ModelProto) -> LoadedModel {
+        let bytes = proto.encode_to_vec();
+        let opset = default_opset(path, &proto).unwrap_or(0);
+        LoadedModel {
+            path: path.into(),
+            size_bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+            proto,
+            opset,
+        }
+    }
+
     pub fn graph(&self) -> &super::pb::GraphProto {
         self.proto
             .graph

@@ -4,10 +4,12 @@
 
 pub mod bn;
 pub mod builder;
+pub mod check;
 pub mod fixtures;
 pub mod graph;
 pub mod inspect;
 pub mod load;
+pub mod padding;
 pub mod tensor;
 
 pub use load::{LoadedModel, from_bytes, load_model};

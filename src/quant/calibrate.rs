@@ -1,39 +1,18 @@
-//! Data-free activation ranges, the PTQ baselines every generator must beat:
-//! - `ptq-bn`: analytic, from BatchNormalization statistics: each BN output is taken as
-//!   N(beta, gamma^2) per channel, moments are propagated through ReLU (rectified Gaussian),
-//!   Add, Slice/Pad, pooling and reshapes, and the range is mean +- k std;
-//! - `ptq-noise`: min/max (or a percentile) over Gaussian-noise inputs;
-//! - `zeroq`: a batch of inputs optimised so the teacher's BN batch statistics match the running
-//!   ones (ZeroQ), then min/max over it.
+//! Activation ranges without data: analytic ranges from BatchNormalization statistics (each BN
+//! output is taken as N(beta, gamma^2) per channel, moments are propagated through ReLU
+//! (rectified Gaussian), Add, Slice/Pad, pooling and reshapes, and the range is mean +- k std),
+//! and ranges observed on a batch of inputs (min/max or a percentile).
 
 use std::collections::HashMap;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::Optimizer;
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use crate::lower::Program;
 use crate::onnx::graph::GraphIndex;
 use crate::onnx::pb::ModelProto;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// Analytic ranges from BN statistics (no inputs at all).
-    PtqBn,
-    /// Ranges observed on Gaussian-noise inputs.
-    PtqNoise,
-    /// Ranges observed on ZeroQ-style distilled inputs (BN statistics matched by optimisation).
-    Zeroq,
-    /// GDFQ: a class-conditional generator trained on the teacher's BN statistics; ranges from
-    /// its images, and the student fine-tuned on them by distillation.
-    Gdfq,
-    /// AutoReCon: GDFQ with a generator whose architecture was searched for this teacher
-    /// (`datafree search`; runs the search first unless --genotype is given).
-    Autorecon,
-}
 
 /// Float range per tensor.
 pub type Ranges = HashMap<String, (f32, f32)>;
@@ -74,46 +53,6 @@ pub fn observe(
         out.insert(name.clone(), r);
     }
     Ok(out)
-}
-
-/// ZeroQ: optimises `n` inputs so the BN batch statistics match the running statistics.
-/// Returns the distilled batch and the final BNS loss.
-pub fn distill_inputs(
-    teacher: &Program,
-    shape: &[usize],
-    iters: usize,
-    lr: f64,
-    seed: u64,
-    mut on_step: impl FnMut(usize, f32),
-) -> Result<(Tensor, f32)> {
-    anyhow::ensure!(
-        !teacher.bn_taps().is_empty(),
-        "zeroq needs BatchNormalization statistics, and the teacher has none (BN folded?)"
-    );
-    let x = Var::from_tensor(&noise(shape, seed, teacher.device())?)?;
-    let mut opt = candle_nn::AdamW::new(
-        vec![x.clone()],
-        candle_nn::ParamsAdamW {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?;
-    let mut last = f32::NAN;
-    for i in 0..iters {
-        let f = teacher.forward_taps(x.as_tensor())?;
-        let loss = crate::train::losses::bns(&f.bn_inputs, teacher.bn_taps())?;
-        last = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        anyhow::ensure!(
-            last.is_finite(),
-            "ZeroQ distillation diverged at step {i} (loss {last})"
-        );
-        opt.backward_step(&loss)?;
-        on_step(i, last);
-    }
-    Ok((x.as_tensor().detach(), last))
 }
 
 /// Default k (ranges are mean +- k std) for a point quantized at `bits`, when `--bn-k` is not
@@ -289,11 +228,14 @@ fn pad_channels(g: &GraphIndex, n: &crate::onnx::pb::NodeProto, x: Moments) -> M
 }
 
 /// BN scale/bias per BN node name, for [`bn_ranges`].
-pub fn bn_affine(model: &crate::onnx::LoadedModel) -> HashMap<String, (Vec<f32>, Vec<f32>)> {
-    crate::onnx::bn::analyse(model)
-        .layers
-        .into_iter()
-        .filter_map(|l| l.stats.map(|s| (l.name, (s.scale, s.bias))))
+pub fn bn_affine(bn: &crate::onnx::bn::BnReport) -> HashMap<String, (Vec<f32>, Vec<f32>)> {
+    bn.layers
+        .iter()
+        .filter_map(|l| {
+            l.stats
+                .as_ref()
+                .map(|s| (l.name.clone(), (s.scale.clone(), s.bias.clone())))
+        })
         .collect()
 }
 

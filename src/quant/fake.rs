@@ -114,11 +114,11 @@ pub struct LearnedRange {
 }
 
 impl LearnedRange {
-    pub fn new(lo: f32, hi: f32) -> Result<Self> {
+    pub fn new(lo: f32, hi: f32, device: &Device) -> Result<Self> {
         let width = (hi - lo).max(1e-8);
         Ok(Self {
-            a: candle_core::Var::new(&[lo / width], &Device::Cpu)?,
-            b: candle_core::Var::new(&[hi / width], &Device::Cpu)?,
+            a: candle_core::Var::new(&[lo / width], device)?,
+            b: candle_core::Var::new(&[hi / width], device)?,
             width,
             learn_lo: lo < 0.0,
         })
@@ -256,7 +256,7 @@ mod tests {
     fn learned_range_forward_is_the_fixed_grid_and_gradients_follow_lsq() {
         let v = normal(4096, 1);
         let x = candle_core::Var::new(v.as_slice(), &Device::Cpu).unwrap();
-        let r = LearnedRange::new(-1.5, 2.0).unwrap();
+        let r = LearnedRange::new(-1.5, 2.0, &Device::Cpu).unwrap();
         let (lo, hi) = r.range().unwrap();
         let q = QParams::activation(lo, hi, 4, Scales::Exact);
         let y = fake_quant_learned(x.as_tensor(), &r, 4, Scales::Exact).unwrap();
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn ranges_starting_at_zero_keep_their_lower_end() {
-        let r = LearnedRange::new(0.0, 3.0).unwrap();
+        let r = LearnedRange::new(0.0, 3.0, &Device::Cpu).unwrap();
         assert!(!r.learn_lo);
         assert_eq!(r.vars().len(), 1);
         let x = Tensor::new(&[-1.0f32, 0.5, 4.0], &Device::Cpu).unwrap();
@@ -329,7 +329,7 @@ mod tests {
         // unit Gaussian is about +-2.5).
         let v = normal(8192, 2);
         let x = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
-        let r = LearnedRange::new(-8.0, 8.0).unwrap();
+        let r = LearnedRange::new(-8.0, 8.0, &Device::Cpu).unwrap();
         let mse = |r: &LearnedRange| -> Tensor {
             let y = fake_quant_learned(&x, r, 4, Scales::Exact).unwrap();
             (y - &x).unwrap().sqr().unwrap().mean_all().unwrap()

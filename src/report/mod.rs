@@ -1,4 +1,4 @@
-//! Reports: human-readable renderings of what each stage produced (JSON comes from the same
+//! Reports: human-readable renderings of what each command produced (JSON comes from the same
 //! serde structs), and small formatting helpers shared by them.
 
 use std::fmt::Write;
@@ -55,8 +55,9 @@ fn g4(x: f64) -> String {
     }
 }
 
-/// The human summary printed by `datafree inspect`.
-pub fn render_inspect(r: &InspectReport) -> String {
+/// The human summary printed by `datafree inspect`, with the input domain when the model has an
+/// image input.
+pub fn render_inspect(r: &InspectReport, domain: Option<&crate::teacher::InputDomain>) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "{}", r.file);
     let _ = writeln!(
@@ -152,6 +153,24 @@ pub fn render_inspect(r: &InspectReport) -> String {
     if let Some(fix) = &bn.fix {
         let _ = writeln!(o, "  fix: {fix}");
     }
+    if let Some(d) = domain {
+        let _ = writeln!(o, "\nInput domain: {}", d.summary());
+        if let Some(e) = &d.estimate {
+            let _ = writeln!(
+                o,
+                "  BN estimate ({}): input mean [{}], std {}; points to {} (confidence {:.2}{})",
+                e.bn,
+                e.mean.iter().map(|v| g4(*v)).collect::<Vec<_>>().join(", "),
+                g4(e.std[0]),
+                e.kind.describe(),
+                e.confidence,
+                if e.direct { ", BN on the input" } else { "" }
+            );
+        }
+        for w in &d.warnings {
+            let _ = writeln!(o, "  warning: {w}");
+        }
+    }
     let lw = &r.lowering;
     if lw.all_supported {
         let _ = writeln!(
@@ -231,17 +250,17 @@ fn fusion_speed_lines(o: &mut String, c: &crate::verify::compare::Comparison) {
 }
 
 /// The summary printed by `datafree compress`.
-pub fn render_compress(r: &crate::compress::Report) -> String {
+pub fn render_compress(r: &crate::pipeline::Report) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "{} -> {}", r.teacher, r.student);
     let _ = writeln!(
         o,
         "  {} {}, weights {} (clip {}), BN {} ({} folded), {} layers, {} activation points",
         r.bits,
-        crate::compress::cli_name(&r.method),
-        crate::compress::cli_name(&r.weight_scheme),
-        crate::compress::cli_name(&r.weight_clip),
-        crate::compress::cli_name(&r.bn),
+        r.method.name(),
+        crate::cli_name(&r.weight_scheme),
+        crate::cli_name(&r.weight_clip),
+        crate::cli_name(&r.bn),
         r.bn_folded,
         r.layers.len(),
         r.activations.len()
@@ -250,14 +269,14 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
     let _ = writeln!(
         o,
         "  scales {}: f32 arithmetic provably exact in {exact} of {} layers{}",
-        crate::compress::cli_name(&r.scales),
+        crate::cli_name(&r.scales),
         r.layers.len(),
         match r.bn {
-            crate::compress::BnMode::Keep => " (BN kept: its float arithmetic is not)",
-            crate::compress::BnMode::Fold if exact == r.layers.len() => {
+            crate::pipeline::BnMode::Keep => " (BN kept: its float arithmetic is not)",
+            crate::pipeline::BnMode::Fold if exact == r.layers.len() => {
                 " (every engine computes the same codes)"
             }
-            crate::compress::BnMode::Fold => "",
+            crate::pipeline::BnMode::Fold => "",
         }
     );
     if let Some(d) = &r.verification_data {
@@ -265,11 +284,13 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
     }
     comparison_lines(&mut o, &r.verification_noise);
     fusion_speed_lines(&mut o, &r.verification_noise);
-    if let Some(g) = &r.gdfq {
+    if let Some(t) = &r.training {
+        let g = t.stage();
         let c = &g.config;
         let _ = writeln!(
             o,
-            "  gdfq: {} x {} iterations, batch {}, warm-up {} epochs, {:.0} s{}; generator {} ({} parameters, {:.1} M MACs per image)",
+            "  {}: {} x {} iterations, batch {}, warm-up {} epochs, {:.0} s{}; generator {} ({} parameters, {:.1} M MACs per image)",
+            r.method.name(),
             c.epochs,
             c.iters_per_epoch,
             c.batch,
@@ -277,11 +298,11 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
             g.train_seconds,
             g.resumed_from_iter
                 .map_or(String::new(), |i| format!(" (resumed at {i})")),
-            crate::compress::cli_name(&c.generator),
+            crate::cli_name(&c.generator),
             g.generator_params,
             g.generator_macs as f64 / 1e6
         );
-        if let Some(sr) = &g.search {
+        if let Some(sr) = t.search() {
             o.push_str(&render_search(sr));
         }
         if !g.eval_curve.is_empty() {
@@ -297,7 +318,7 @@ pub fn render_compress(r: &crate::compress::Report) -> String {
         let _ = writeln!(
             o,
             "  baseline {:<10} top-1 {}, agreement {:.2}%",
-            crate::compress::cli_name(&b.method),
+            b.method.name(),
             b.top1.map_or("-".into(), |x| format!("{x:.2}")),
             100.0 * b.agreement
         );
@@ -325,47 +346,6 @@ pub fn render_gate(g: &crate::verify::gate::GateReport) -> String {
     }
     let _ = writeln!(o, "{}", if g.pass { "PASS" } else { "FAIL" });
     o
-}
-
-/// Tiles planar (C, H, W) u8 RGB images into one PNG, `cols` per row, scaled up `zoom` times,
-/// written atomically.
-pub fn save_grid(
-    path: &std::path::Path,
-    images: &[&[u8]],
-    h: usize,
-    w: usize,
-    cols: usize,
-    zoom: u32,
-) -> anyhow::Result<()> {
-    let cols = cols.max(1);
-    let rows = images.len().div_ceil(cols);
-    let mut img = image::RgbImage::new((cols * (w + 2)) as u32, (rows * (h + 2)) as u32);
-    for (k, px) in images.iter().enumerate() {
-        let (ox, oy) = ((k % cols) * (w + 2) + 1, (k / cols) * (h + 2) + 1);
-        for y in 0..h {
-            for x in 0..w {
-                let p = image::Rgb([
-                    px[y * w + x],
-                    px[h * w + y * w + x],
-                    px[2 * h * w + y * w + x],
-                ]);
-                img.put_pixel((ox + x) as u32, (oy + y) as u32, p);
-            }
-        }
-    }
-    let img = image::imageops::resize(
-        &img,
-        img.width() * zoom,
-        img.height() * zoom,
-        image::imageops::FilterType::Nearest,
-    );
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )?;
-    crate::io::write_atomic(path, &bytes)?;
-    Ok(())
 }
 
 /// The human summary of an AutoReCon search.

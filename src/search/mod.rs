@@ -7,26 +7,27 @@
 //! is the argmax per edge with every node keeping an input.
 //!
 //! The run folder gets genotype.json and genotype.svg, alpha.jsonl (per-edge softmax(alpha)
-//! over time) and alpha.svg, search.json (cost, sizes), and a resumable checkpoint/.
+//! over time) and alpha.svg, search.json (cost, sizes), curves.png, and a resumable
+//! checkpoint/ (through the training engine, [`crate::train::engine`]).
 
 pub mod draw;
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use candle_core::{D, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Normal, StandardNormal};
+use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::generator::autorecon::{AutoReconConfig, AutoReconGenerator, Mix, cell_edges};
 use crate::generator::params::{load_tensors, save_tensors};
 use crate::generator::{Generator, Genotype};
 use crate::lower::Program;
-use crate::train::losses::bns;
+use crate::train::engine::{self, LogLine, Step};
+use crate::train::losses::reconstruction;
 use crate::train::optim::{Adam, State};
 
 /// How an edge's candidates are mixed during the search.
@@ -155,12 +156,35 @@ pub struct SearchReport {
     pub resumed_from_iter: Option<usize>,
 }
 
+impl LogLine for SearchLog {
+    fn iter(&self) -> usize {
+        self.iter
+    }
+    fn set_seconds(&mut self, s: f64) {
+        self.seconds = s;
+    }
+    fn summary(&self) -> String {
+        format!(
+            "search ep {} tau {:.2} w: CE {:.3} BNS {:.3} alpha: CE {:.3} BNS {:.3}",
+            self.epoch, self.tau, self.weight_ce, self.weight_bns, self.arch_ce, self.arch_bns
+        )
+    }
+    fn curves(&self) -> Vec<(&'static str, &'static str, f64)> {
+        vec![
+            ("reconstruction loss", "weights: CE", self.weight_ce),
+            ("reconstruction loss", "weights: BNS", self.weight_bns),
+            ("reconstruction loss", "alpha: CE", self.arch_ce),
+            ("reconstruction loss", "alpha: BNS", self.arch_bns),
+            ("Gumbel-softmax temperature", "tau", self.tau),
+        ]
+    }
+}
+
+/// The step's part of a checkpoint's state.json.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Checkpoint {
+struct CheckpointState {
     config: SearchConfig,
-    iter: usize,
     rng_word_pos: String,
-    elapsed_seconds: f64,
 }
 
 /// Where a search reads and writes.
@@ -174,17 +198,22 @@ pub struct SearchIo<'a> {
     pub stop_after: Option<usize>,
 }
 
-struct Search {
+struct Search<'a> {
     cfg: SearchConfig,
+    teacher: &'a Program,
     net: AutoReconGenerator,
     alpha: Vec<Vec<Var>>,
     weight_opt: Adam,
     arch_opt: Adam,
     rng: ChaCha8Rng,
     classes: usize,
+    device: Device,
+    epoch_start: Instant,
+    /// Wall seconds of every epoch run in this process.
+    epoch_seconds: Vec<f64>,
 }
 
-impl Search {
+impl Search<'_> {
     fn alpha_named(&self) -> Vec<(String, Tensor)> {
         self.alpha
             .iter()
@@ -210,20 +239,6 @@ impl Search {
             .collect()
     }
 
-    fn sample(&mut self) -> Result<(Tensor, Tensor)> {
-        let (n, latent) = (self.cfg.batch, self.cfg.latent);
-        let z: Vec<f32> = (0..n * latent)
-            .map(|_| StandardNormal.sample(&mut self.rng))
-            .collect();
-        let y: Vec<u32> = (0..n)
-            .map(|_| self.rng.random_range(0..self.classes as u32))
-            .collect();
-        Ok((
-            Tensor::from_vec(z, (n, latent), &Device::Cpu)?,
-            Tensor::from_vec(y, n, &Device::Cpu)?,
-        ))
-    }
-
     /// Gumbel-softmax sample per edge: softmax((log softmax(alpha) + g) / tau) (eq. 7-8), with
     /// gradient to alpha when `grad`; hard samples become one-hot in value.
     fn gumbel(&mut self, tau: f64, grad: bool) -> Result<Vec<Vec<Mix>>> {
@@ -241,7 +256,7 @@ impl Search {
                     })
                     .collect();
                 let logits = (candle_nn::ops::log_softmax(&a, D::Minus1)?
-                    + Tensor::from_vec(g, n, &Device::Cpu)?)?;
+                    + Tensor::from_vec(g, n, &self.device)?)?;
                 let w = candle_nn::ops::softmax(&(logits / tau)?, D::Minus1)?;
                 cell.push(match self.cfg.sampling {
                     Sampling::Soft => Mix::Weights(w),
@@ -251,7 +266,7 @@ impl Search {
                             // Straight-through: one-hot in value, the soft sample's gradient.
                             let mut oh = vec![0f32; n];
                             oh[i] = 1.0;
-                            let oh = Tensor::from_vec(oh, n, &Device::Cpu)?;
+                            let oh = Tensor::from_vec(oh, n, &self.device)?;
                             Mix::Weights(((oh - w.detach())? + &w)?)
                         } else {
                             Mix::One(i)
@@ -267,55 +282,90 @@ impl Search {
     /// One reconstruction-loss step on a fresh batch; returns (CE, BNS) and the gradients.
     fn loss(
         &mut self,
-        teacher: &Program,
         tau: f64,
         arch: bool,
+        iter: usize,
     ) -> Result<(f64, f64, candle_core::backprop::GradStore)> {
-        let (z, y) = self.sample()?;
+        let (z, y) = crate::generator::sample(
+            &mut self.rng,
+            self.cfg.batch,
+            self.cfg.latent,
+            self.classes,
+            &self.device,
+        )?;
         let mix = self.gumbel(tau, arch)?;
         let pick = |k: usize, e: usize| match &mix[k][e] {
             Mix::One(i) => Mix::One(*i),
             Mix::Weights(w) => Mix::Weights(w.clone()),
         };
         let images = self.net.forward_mixed(&z, &y, &pick)?;
-        let t = teacher.forward_taps(&images)?;
-        let ce = candle_nn::loss::cross_entropy(&t.logits, &y)?;
-        let b = bns(&t.bn_inputs, teacher.bn_taps())?;
-        let loss = (&ce + (&b * self.cfg.bns_weight)?)?;
-        let (cv, bv) = (ce.to_scalar::<f32>()? as f64, b.to_scalar::<f32>()? as f64);
-        if !cv.is_finite() || !bv.is_finite() {
-            bail!(
-                "the search's reconstruction loss became CE {cv} / BNS {bv}: diverged; the last good checkpoint is kept (resume with lower --search-lr / --arch-lr)"
-            );
-        }
+        let t = self.teacher.forward_taps(&images)?;
+        let (loss, cv, bv) =
+            reconstruction(&t, self.teacher.bn_taps(), &y, self.cfg.bns_weight, iter)?;
         Ok((cv, bv, loss.backward()?))
     }
+}
 
-    fn save(&self, dir: &Path, iter: usize, elapsed: f64) -> Result<()> {
-        crate::io::write_checkpoint_dir(dir, |tmp| {
-            self.net.params.save(&tmp.join("supernet.safetensors"))?;
-            save_tensors(&tmp.join("alpha.safetensors"), self.alpha_named())?;
-            save_tensors(
-                &tmp.join("weight-adam.safetensors"),
-                self.weight_opt.state()?,
-            )?;
-            save_tensors(&tmp.join("arch-adam.safetensors"), self.arch_opt.state()?)?;
-            let state = Checkpoint {
-                config: self.cfg.clone(),
-                iter,
-                rng_word_pos: self.rng.get_word_pos().to_string(),
-                elapsed_seconds: elapsed,
-            };
-            crate::io::write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(&state)?)?;
-            Ok(())
+impl Step for Search<'_> {
+    type Log = SearchLog;
+
+    fn step(&mut self, iter: usize) -> Result<SearchLog> {
+        let tau = self.cfg.tau_at(iter);
+        // Algorithm 1: the supernet's weights on one batch, alpha on another.
+        let (wce, wbns, grads) = self.loss(tau, false, iter)?;
+        self.weight_opt.step(&grads)?;
+        let (ace, abns, grads) = self.loss(tau, true, iter)?;
+        self.arch_opt.step(&grads)?;
+        if (iter + 1).is_multiple_of(self.cfg.iters_per_epoch) {
+            self.epoch_seconds
+                .push(self.epoch_start.elapsed().as_secs_f64());
+            self.epoch_start = Instant::now();
+        }
+        Ok(SearchLog {
+            iter,
+            epoch: iter / self.cfg.iters_per_epoch,
+            tau,
+            weight_ce: wce,
+            weight_bns: wbns,
+            arch_ce: ace,
+            arch_bns: abns,
+            probs: self.probs()?,
+            seconds: 0.0,
         })
     }
 
-    fn load(&mut self, dir: &Path) -> Result<(usize, f64)> {
-        let state: Checkpoint =
-            crate::io::read_checkpoint_state(dir, &self.cfg, |s: &Checkpoint| &s.config)?;
+    fn save(&self, tmp: &Path) -> Result<()> {
+        self.net.params.save(&tmp.join("supernet.safetensors"))?;
+        save_tensors(&tmp.join("alpha.safetensors"), self.alpha_named())?;
+        save_tensors(
+            &tmp.join("weight-adam.safetensors"),
+            self.weight_opt.state()?,
+        )?;
+        save_tensors(&tmp.join("arch-adam.safetensors"), self.arch_opt.state()?)?;
+        Ok(())
+    }
+
+    fn state(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let s = CheckpointState {
+            config: self.cfg.clone(),
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+        };
+        match serde_json::to_value(s)? {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => unreachable!("a struct serializes to an object"),
+        }
+    }
+
+    fn load(
+        &mut self,
+        dir: &Path,
+        state: serde_json::Map<String, serde_json::Value>,
+        _iter: usize,
+    ) -> Result<()> {
+        let state: CheckpointState =
+            engine::checked_state(dir, state, &self.cfg, |s: &CheckpointState| &s.config)?;
         self.net.params.load(&dir.join("supernet.safetensors"))?;
-        let alpha = load_tensors(&dir.join("alpha.safetensors"), &Device::Cpu)?;
+        let alpha = load_tensors(&dir.join("alpha.safetensors"), &self.device)?;
         for (name, t) in self.alpha_named() {
             let saved = alpha
                 .get(&name)
@@ -333,14 +383,14 @@ impl Search {
         }
         self.weight_opt.load_state(&load_tensors(
             &dir.join("weight-adam.safetensors"),
-            &Device::Cpu,
+            &self.device,
         )?)?;
         self.arch_opt.load_state(&load_tensors(
             &dir.join("arch-adam.safetensors"),
-            &Device::Cpu,
+            &self.device,
         )?)?;
         self.rng.set_word_pos(state.rng_word_pos.parse()?);
-        Ok((state.iter, state.elapsed_seconds))
+        Ok(())
     }
 }
 
@@ -353,7 +403,6 @@ pub fn search(
     (channels, size): (usize, usize),
     cfg: SearchConfig,
     io: &SearchIo,
-    progress: &mut dyn FnMut(&SearchLog, usize),
 ) -> Result<(Genotype, SearchReport)> {
     ensure!(
         !teacher.bn_taps().is_empty(),
@@ -372,6 +421,7 @@ pub fn search(
         "Gumbel-softmax temperatures must be positive, got {:?}",
         cfg.tau
     );
+    let device = teacher.device().clone();
     let net = AutoReconGenerator::supernet(
         AutoReconConfig {
             latent: cfg.latent,
@@ -380,7 +430,7 @@ pub fn search(
             size,
             width: cfg.width,
         },
-        &Device::Cpu,
+        &device,
         cfg.seed,
     )?;
     let mut r = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2));
@@ -392,11 +442,7 @@ pub fn search(
             cell.iter()
                 .map(|c| {
                     let v: Vec<f32> = (0..c.len()).map(|_| normal.sample(&mut r) as f32).collect();
-                    Ok(Var::from_tensor(&Tensor::from_vec(
-                        v,
-                        c.len(),
-                        &Device::Cpu,
-                    )?)?)
+                    Ok(Var::from_tensor(&Tensor::from_vec(v, c.len(), &device)?)?)
                 })
                 .collect::<Result<Vec<_>>>()
         })
@@ -411,72 +457,29 @@ pub fn search(
     let mut s = Search {
         rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
         cfg: cfg.clone(),
+        teacher,
         net,
         alpha,
         weight_opt,
         arch_opt,
         classes,
+        device: device.clone(),
+        epoch_start: Instant::now(),
+        epoch_seconds: Vec::new(),
     };
-
-    let log_path = io.out.join("alpha.jsonl");
-    let (mut start, mut elapsed0, mut resumed_from) = (0, 0.0, None);
-    let mut kept = Vec::new();
-    let mut history: Vec<SearchLog> = Vec::new();
-    if let Some(from) = io.resume {
-        let dir = crate::io::find_checkpoint(from).with_context(|| {
-            format!(
-                "{}: no search checkpoint to resume from (expected {}/checkpoint/state.json)",
-                from.display(),
-                from.display()
-            )
-        })?;
-        (start, elapsed0) = s.load(&dir)?;
-        resumed_from = Some(start);
-        (kept, history) =
-            crate::io::kept_log_lines(&from.join("alpha.jsonl"), |m: &SearchLog| m.iter < start)?;
-    }
-    crate::io::write_atomic(&log_path, &kept)?;
-    let mut log_file = std::fs::OpenOptions::new().append(true).open(&log_path)?;
-
-    let t0 = Instant::now();
-    let mut epoch_t = Instant::now();
-    let mut epoch_seconds = Vec::new();
-    let total = cfg.total_iters();
-    for iter in start..total {
-        let tau = cfg.tau_at(iter);
-        // Algorithm 1: the supernet's weights on one batch, alpha on another.
-        let (wce, wbns, grads) = s.loss(teacher, tau, false)?;
-        s.weight_opt.step(&grads)?;
-        let (ace, abns, grads) = s.loss(teacher, tau, true)?;
-        s.arch_opt.step(&grads)?;
-        let done = iter + 1;
-        if done % cfg.iters_per_epoch == 0 {
-            epoch_seconds.push(epoch_t.elapsed().as_secs_f64());
-            epoch_t = Instant::now();
-        }
-        let entry = SearchLog {
-            iter,
-            epoch: iter / cfg.iters_per_epoch,
-            tau,
-            weight_ce: wce,
-            weight_bns: wbns,
-            arch_ce: ace,
-            arch_bns: abns,
-            probs: s.probs()?,
-            seconds: elapsed0 + t0.elapsed().as_secs_f64(),
-        };
-        progress(&entry, total);
-        if done == total || (io.log_every > 0 && done % io.log_every == 0) {
-            writeln!(log_file, "{}", serde_json::to_string(&entry)?)?;
-            history.push(entry);
-        }
-        if io.checkpoint_every > 0 && (done % io.checkpoint_every == 0 || done == total) {
-            s.save(io.out, done, elapsed0 + t0.elapsed().as_secs_f64())?;
-        }
-        if io.stop_after == Some(done) {
-            bail!("stopped after iteration {done} (--stop-after)");
-        }
-    }
+    let outcome = engine::run(
+        &mut s,
+        cfg.total_iters(),
+        &engine::RunIo {
+            out: io.out,
+            resume: io.resume,
+            log_name: "alpha.jsonl",
+            log_every: io.log_every,
+            checkpoint_every: io.checkpoint_every,
+            stop_after: io.stop_after,
+            label: "search",
+        },
+    )?;
     let probs = s.probs()?;
     let genotype = Genotype::derive(cfg.width, &probs)?;
     crate::io::write_atomic(
@@ -489,12 +492,12 @@ pub fn search(
     )?;
     crate::io::write_atomic(
         &io.out.join("alpha.svg"),
-        draw::alpha_svg(&history)?.as_bytes(),
+        draw::alpha_svg(&outcome.history)?.as_bytes(),
     )?;
     let derived = AutoReconGenerator::derived(
         &genotype,
         (cfg.latent, classes, channels, size),
-        &Device::Cpu,
+        &device,
         cfg.seed,
     )?;
     let report = SearchReport {
@@ -505,10 +508,10 @@ pub fn search(
         supernet_macs_per_image: s.net.macs_per_image(),
         derived_params: derived.params().count(),
         derived_macs_per_image: Generator::macs_per_image(&derived),
-        epoch_seconds,
-        seconds: elapsed0 + t0.elapsed().as_secs_f64(),
+        epoch_seconds: s.epoch_seconds,
+        seconds: outcome.seconds,
         peak_rss_mb: crate::io::peak_rss_mb(),
-        resumed_from_iter: resumed_from,
+        resumed_from_iter: outcome.resumed_from,
     };
     crate::io::write_atomic(
         &io.out.join("search.json"),

@@ -1,26 +1,26 @@
-//! GDFQ (Xu et al. 2020): a class-conditional generator learns images whose teacher BN
-//! statistics and predictions match (CE + 0.1 BNS); after a warm-up in which the student only
-//! observes activation ranges (EMA of batch min/max, then frozen), the fake-quantized student is
-//! fine-tuned by distillation (KL at temperature T, times T^2, + CE with the sampled labels).
+//! GDFQ (Xu et al. 2020) as a training step: a class-conditional generator learns images whose
+//! teacher BN statistics and predictions match (CE + 0.1 BNS); after a warm-up in which the
+//! student only observes activation ranges (EMA of batch min/max, then frozen), the
+//! fake-quantized student is fine-tuned by distillation (KL at temperature T, times T^2, + CE
+//! with the sampled labels).
 //!
-//! Checkpoints (generator, student, optimiser moments, RNG position, ranges) are written as a
-//! folder swap, so a kill at any moment leaves a complete one; resuming continues bit-for-bit
-//! on the CPU. Metrics go to a JSONL log, sample grids to PNGs.
+//! The step's state (generator, student, optimiser moments, RNG position, ranges) goes into the
+//! engine's checkpoints ([`super::engine`]), so resuming continues bit-for-bit on the CPU; the
+//! engine writes metrics.jsonl and curves.png, the step sample grids.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use candle_core::{D, DType, Device, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use super::losses::{bns, feature_loss};
+use super::engine::{self, LogLine, Step, finite};
+use super::losses::{feature_loss, reconstruction};
 use super::optim::{Adam, Sgd, State};
 use crate::generator::params::{load_tensors, save_tensors};
 use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator, Genotype};
@@ -163,6 +163,41 @@ impl Config {
         self.epochs * self.iters_per_epoch
     }
 
+    /// Refuses settings that cannot train or would train in the wrong direction, naming the
+    /// flag.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.epochs > 0 && self.iters_per_epoch > 0 && self.warmup_epochs < self.epochs,
+            "GDFQ needs epochs > warm-up epochs and iterations per epoch > 0 (got {} epochs, {} warm-up, {} iterations)",
+            self.epochs,
+            self.warmup_epochs,
+            self.iters_per_epoch
+        );
+        // A negative weight or rate would train silently in the wrong direction.
+        for (flag, v) in [
+            ("--bns-weight", self.bns_weight),
+            ("--student-ce-weight", self.student_ce_weight),
+            ("--feature-weight", self.feature_weight),
+            ("--range-lr", self.range_lr),
+        ] {
+            ensure!(
+                v.is_finite() && v >= 0.0,
+                "{flag} must be a finite number >= 0 (got {v})"
+            );
+        }
+        for (flag, v) in [
+            ("--student-lr", self.student_lr),
+            ("--generator-lr", self.generator_lr),
+            ("--temperature", self.temperature),
+        ] {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "{flag} must be a finite number > 0 (got {v})"
+            );
+        }
+        Ok(())
+    }
+
     fn student_lr_at(&self, epoch: usize) -> f64 {
         let drops = self.lr_milestones.iter().filter(|&&m| epoch >= m).count();
         self.student_lr * self.lr_gamma.powi(drops as i32)
@@ -187,15 +222,59 @@ pub struct Metrics {
     pub seconds: f64,
 }
 
+impl LogLine for Metrics {
+    fn iter(&self) -> usize {
+        self.iter
+    }
+    fn set_seconds(&mut self, s: f64) {
+        self.seconds = s;
+    }
+    fn summary(&self) -> String {
+        let student = match (self.student_kd, self.student_ce) {
+            (Some(kd), Some(ce)) => format!(" student KD {kd:.3} CE {ce:.3}"),
+            _ => " (warm-up)".into(),
+        };
+        let feature = self
+            .student_feature
+            .map_or(String::new(), |f| format!(" feat {f:.3}"));
+        let eval = self
+            .eval_top1
+            .map_or(String::new(), |a| format!(" top-1 {a:.2}"));
+        format!(
+            "gdfq ep {} G: CE {:.3} BNS {:.3}{student}{feature}{eval}",
+            self.epoch, self.generator_ce, self.bns
+        )
+    }
+    fn curves(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let mut v = vec![
+            ("generator loss", "CE", self.generator_ce),
+            ("generator loss", "BNS", self.bns),
+            ("student learning rate", "lr", self.student_lr),
+        ];
+        let student = [
+            ("KD", self.student_kd),
+            ("CE", self.student_ce),
+            ("feature", self.student_feature),
+        ];
+        v.extend(
+            student
+                .into_iter()
+                .filter_map(|(n, x)| x.map(|x| ("student loss", n, x))),
+        );
+        if let Some(a) = self.eval_top1 {
+            v.push(("student top-1 on the measuring data (%)", "top-1", a));
+        }
+        v
+    }
+}
+
+/// The step's part of a checkpoint's state.json.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Checkpoint {
+struct CheckpointState {
     config: Config,
-    /// Iterations completed.
-    iter: usize,
     rng_word_pos: String,
     /// Activation ranges (EMA while warming up, frozen after).
     ranges: HashMap<String, (f32, f32)>,
-    elapsed_seconds: f64,
 }
 
 /// What the run hands back for export.
@@ -216,16 +295,17 @@ pub fn build_generator(
     cfg: &Config,
     classes: usize,
     (channels, size): (usize, usize),
+    device: &Device,
 ) -> Result<Box<dyn Generator>> {
     Ok(match cfg.generator {
         GeneratorFamily::GdfqCifar => Box::new(GdfqGenerator::new(
             GdfqConfig::cifar(classes, channels, size),
-            &Device::Cpu,
+            device,
             cfg.seed,
         )?),
         GeneratorFamily::GdfqImagenet => Box::new(GdfqGenerator::new(
             GdfqConfig::imagenet(classes, channels, size),
-            &Device::Cpu,
+            device,
             cfg.seed,
         )?),
         GeneratorFamily::Autorecon => {
@@ -235,7 +315,7 @@ pub fn build_generator(
             Box::new(AutoReconGenerator::derived(
                 g,
                 (100, classes, channels, size),
-                &Device::Cpu,
+                device,
                 cfg.seed,
             )?)
         }
@@ -268,8 +348,10 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
     Ok((kl * (t * t))?)
 }
 
+/// The GDFQ step and everything it trains.
 struct Run<'a> {
     cfg: Config,
+    teacher: &'a Program,
     student: &'a mut Program,
     plan: &'a Plan,
     generator: Box<dyn Generator>,
@@ -285,21 +367,17 @@ struct Run<'a> {
     /// `ranges` then keeps the starting ranges they were built from.
     learned: Vec<(String, LearnedRange)>,
     range_opt: Option<Adam>,
+    /// Weights clamped to their starting clips after every student step.
+    clips: Vec<(candle_core::Var, crate::quant::placement::Layer, Vec<f32>)>,
+    /// Teacher tensors distilled feature by feature (`feature_weight` > 0).
+    features: Vec<String>,
+    io: &'a Io<'a>,
+    device: Device,
 }
 
 impl Run<'_> {
-    fn sample(&mut self, n: usize) -> Result<(Tensor, Tensor)> {
-        let latent = self.generator.latent();
-        let z: Vec<f32> = (0..n * latent)
-            .map(|_| StandardNormal.sample(&mut self.rng))
-            .collect();
-        let y: Vec<u32> = (0..n)
-            .map(|_| self.rng.random_range(0..self.classes as u32))
-            .collect();
-        Ok((
-            Tensor::from_vec(z, (n, latent), &Device::Cpu)?,
-            Tensor::from_vec(y, n, &Device::Cpu)?,
-        ))
+    fn warmup(&self) -> usize {
+        self.cfg.warmup_epochs * self.cfg.iters_per_epoch
     }
 
     fn set_activation_quant(&mut self) -> Result<()> {
@@ -308,7 +386,7 @@ impl Run<'_> {
             let (lo, hi) = self.ranges[&p.tensor];
             let (bits, scales) = (p.bits, self.scales);
             if self.cfg.range_lr > 0.0 {
-                let r = LearnedRange::new(lo, hi)?;
+                let r = LearnedRange::new(lo, hi, &self.device)?;
                 self.learned.push((p.tensor.clone(), r.clone()));
                 self.student.set_transform(
                     &p.tensor,
@@ -353,7 +431,7 @@ impl Run<'_> {
         let Some(opt) = &mut self.range_opt else {
             return Ok(());
         };
-        let saved = load_tensors(&dir.join("ranges.safetensors"), &Device::Cpu)?;
+        let saved = load_tensors(&dir.join("ranges.safetensors"), &self.device)?;
         for (n, r) in &self.learned {
             for (k, v) in [("a", &r.a), ("b", &r.b)] {
                 let t = saved
@@ -364,7 +442,7 @@ impl Run<'_> {
         }
         opt.load_state(&load_tensors(
             &dir.join("ranges-adam.safetensors"),
-            &Device::Cpu,
+            &self.device,
         )?)?;
         Ok(())
     }
@@ -397,50 +475,162 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
 
-    fn save(&self, dir: &Path, iter: usize, elapsed: f64) -> Result<()> {
-        crate::io::write_checkpoint_dir(dir, |tmp| {
-            self.generator
-                .params()
-                .save(&tmp.join("generator.safetensors"))?;
-            let student: Vec<(String, Tensor)> = self
-                .student
-                .vars()
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect();
-            save_tensors(&tmp.join("student.safetensors"), student)?;
-            save_tensors(
-                &tmp.join("generator-adam.safetensors"),
-                self.gen_opt.state()?,
-            )?;
-            save_tensors(
-                &tmp.join("student-sgd.safetensors"),
-                self.student_opt.state()?,
-            )?;
-            if let Some(opt) = &self.range_opt {
-                save_tensors(&tmp.join("ranges.safetensors"), self.learned_tensors())?;
-                save_tensors(&tmp.join("ranges-adam.safetensors"), opt.state()?)?;
+impl Step for Run<'_> {
+    type Log = Metrics;
+
+    fn step(&mut self, iter: usize) -> Result<Metrics> {
+        let cfg = &self.cfg;
+        let epoch = iter / cfg.iters_per_epoch;
+        let warmup = self.warmup();
+        let (z, y) = crate::generator::sample(
+            &mut self.rng,
+            cfg.batch,
+            self.generator.latent(),
+            self.classes,
+            &self.device,
+        )?;
+        let images = self.generator.forward(&z, &y)?;
+        let (t, teacher_features) = self.teacher.forward_taps_tensors(&images, &self.features)?;
+        let (loss_g, ce_v, bns_v) =
+            reconstruction(&t, self.teacher.bn_taps(), &y, cfg.bns_weight, iter)?;
+        self.gen_opt.step(&loss_g.backward()?)?;
+        let images = images.detach();
+        let lr = cfg.student_lr_at(epoch);
+        let (mut kd_v, mut sce_v, mut feat_v) = (None, None, None);
+        if iter < warmup {
+            self.observe(&images)?;
+            if iter + 1 == warmup {
+                self.set_activation_quant()?;
             }
-            let state = Checkpoint {
-                config: self.cfg.clone(),
+        } else {
+            let cfg = &self.cfg;
+            self.student_opt.lr = lr;
+            let (s, student_features) = self.student.forward_tensors(&images, &self.features)?;
+            let kd = kd_loss(&s, &t.logits.detach(), cfg.temperature)?;
+            let sce = candle_nn::loss::cross_entropy(&s, &y)?;
+            let mut loss_s = (&kd + (&sce * cfg.student_ce_weight)?)?;
+            if !self.features.is_empty() {
+                let f = feature_loss(&student_features, &teacher_features)?;
+                feat_v = Some(finite(
+                    f.to_scalar::<f32>()? as f64,
+                    "the feature-distillation loss",
+                    iter,
+                )?);
+                loss_s = (loss_s + (f * cfg.feature_weight)?)?;
+            }
+            kd_v = Some(finite(
+                kd.to_scalar::<f32>()? as f64,
+                "the distillation loss",
                 iter,
-                rng_word_pos: self.rng.get_word_pos().to_string(),
-                ranges: self.ranges.clone(),
-                elapsed_seconds: elapsed,
-            };
-            crate::io::write_atomic(&tmp.join("state.json"), &serde_json::to_vec_pretty(&state)?)?;
-            Ok(())
+            )?);
+            sce_v = Some(finite(
+                sce.to_scalar::<f32>()? as f64,
+                "the student's CE loss",
+                iter,
+            )?);
+            let grads = loss_s.backward()?;
+            self.student_opt.step(&grads)?;
+            for (var, l, c) in &self.clips {
+                clamp_var(var, l, Some(c))?;
+            }
+            if let Some(opt) = &mut self.range_opt {
+                opt.lr = cfg.range_lr * lr / cfg.student_lr;
+                opt.step(&grads)?;
+            }
+        }
+        let done = iter + 1;
+        let total = self.cfg.total_iters();
+        let eval_top1 = match self.io.eval {
+            Some((every, f)) if every > 0 && (done.is_multiple_of(every) || done == total) => {
+                if done < warmup {
+                    None
+                } else {
+                    Some(f(self.student)?)
+                }
+            }
+            _ => None,
+        };
+        Ok(Metrics {
+            iter,
+            epoch,
+            generator_ce: ce_v,
+            bns: bns_v,
+            student_kd: kd_v,
+            student_ce: sce_v,
+            student_feature: feat_v,
+            student_lr: lr,
+            eval_top1,
+            seconds: 0.0,
         })
     }
 
-    fn load(&mut self, dir: &Path) -> Result<(usize, f64)> {
-        let state: Checkpoint =
-            crate::io::read_checkpoint_state(dir, &self.cfg, |s: &Checkpoint| &s.config)?;
+    fn after(&mut self, done: usize, total: usize) -> Result<()> {
+        let every = self.io.grid_every;
+        if every > 0 && (done.is_multiple_of(every) || done == total) {
+            let p = self.io.out.join(format!("samples-{done:06}.png"));
+            save_samples(
+                self.generator.as_ref(),
+                &p,
+                self.classes,
+                &self.io.denorm,
+                &self.device,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn save(&self, tmp: &Path) -> Result<()> {
+        self.generator
+            .params()
+            .save(&tmp.join("generator.safetensors"))?;
+        let student: Vec<(String, Tensor)> = self
+            .student
+            .vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        save_tensors(&tmp.join("student.safetensors"), student)?;
+        save_tensors(
+            &tmp.join("generator-adam.safetensors"),
+            self.gen_opt.state()?,
+        )?;
+        save_tensors(
+            &tmp.join("student-sgd.safetensors"),
+            self.student_opt.state()?,
+        )?;
+        if let Some(opt) = &self.range_opt {
+            save_tensors(&tmp.join("ranges.safetensors"), self.learned_tensors())?;
+            save_tensors(&tmp.join("ranges-adam.safetensors"), opt.state()?)?;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let s = CheckpointState {
+            config: self.cfg.clone(),
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+            ranges: self.ranges.clone(),
+        };
+        match serde_json::to_value(s)? {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => unreachable!("a struct serializes to an object"),
+        }
+    }
+
+    fn load(
+        &mut self,
+        dir: &Path,
+        state: serde_json::Map<String, serde_json::Value>,
+        iter: usize,
+    ) -> Result<()> {
+        let state: CheckpointState =
+            engine::checked_state(dir, state, &self.cfg, |s: &CheckpointState| &s.config)?;
         self.generator
             .params_mut()
             .load(&dir.join("generator.safetensors"))?;
-        let student = load_tensors(&dir.join("student.safetensors"), &Device::Cpu)?;
+        let student = load_tensors(&dir.join("student.safetensors"), &self.device)?;
         for (name, var) in self.student.vars() {
             let t = student
                 .get(name)
@@ -449,15 +639,19 @@ impl Run<'_> {
         }
         self.gen_opt.load_state(&load_tensors(
             &dir.join("generator-adam.safetensors"),
-            &Device::Cpu,
+            &self.device,
         )?)?;
         self.student_opt.load_state(&load_tensors(
             &dir.join("student-sgd.safetensors"),
-            &Device::Cpu,
+            &self.device,
         )?)?;
         self.rng.set_word_pos(state.rng_word_pos.parse()?);
         self.ranges = state.ranges;
-        Ok((state.iter, state.elapsed_seconds))
+        if iter >= self.warmup() {
+            self.set_activation_quant()?;
+            self.load_learned(dir)?;
+        }
+        Ok(())
     }
 }
 
@@ -474,21 +668,13 @@ fn clamp_var(
     Ok(c)
 }
 
-fn finite(v: f64, what: &str, iter: usize) -> Result<f64> {
-    if !v.is_finite() {
-        bail!(
-            "{what} became {v} at iteration {iter}: training diverged; the last good checkpoint is kept (resume with --resume and a lower learning rate)"
-        );
-    }
-    Ok(v)
-}
-
 /// Samples a grid: one row per class (up to 10 classes), 8 images each, from fixed latents.
 fn save_samples(
     g: &dyn Generator,
     path: &Path,
     classes: usize,
     denorm: &Option<(Vec<f32>, Vec<f32>)>,
+    device: &Device,
 ) -> Result<()> {
     let (rows, cols) = (classes.min(10), 8);
     let mut r = ChaCha8Rng::seed_from_u64(0x9d1d);
@@ -498,8 +684,8 @@ fn save_samples(
         .collect();
     let y: Vec<u32> = (0..n).map(|i| (i / cols) as u32).collect();
     let x = g.forward(
-        &Tensor::from_vec(z, (n, g.latent()), &Device::Cpu)?,
-        &Tensor::from_vec(y, n, &Device::Cpu)?,
+        &Tensor::from_vec(z, (n, g.latent()), device)?,
+        &Tensor::from_vec(y, n, device)?,
     )?;
     let (c, h) = g.image();
     let w = h;
@@ -531,7 +717,7 @@ fn save_samples(
         })
         .collect();
     let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
-    crate::report::save_grid(path, &refs, h, w, cols, 3)
+    crate::plot::save_grid(path, &refs, h, w, cols, 3)
 }
 
 /// Trains generator and student. `teacher` is the frozen teacher (BN taps needed), `student`
@@ -551,7 +737,6 @@ pub fn train(
     cfg: Config,
     fixed_ranges: &HashMap<String, (f32, f32)>,
     io: &Io,
-    progress: &mut dyn FnMut(&Metrics, usize),
 ) -> Result<Outcome> {
     ensure!(
         !teacher.bn_taps().is_empty(),
@@ -561,6 +746,7 @@ pub fn train(
         cfg.batch >= 2,
         "--batch must be at least 2 (batch statistics)"
     );
+    let device = teacher.device().clone();
     // Weights are fake-quantized on every forward pass, from their current values.
     for l in &plan.layers {
         let (axis, bits) = (l.weight_axis, l.weight_bits);
@@ -588,10 +774,20 @@ pub fn train(
     }
     let student_vars: Vec<candle_core::Var> =
         student.vars().iter().map(|(_, v)| v.clone()).collect();
-    let mut generator = build_generator(&cfg, classes, (channels, size))?;
+    let mut generator = build_generator(&cfg, classes, (channels, size), &device)?;
     if let Some(init) = &cfg.generator_init {
         generator.params_mut().load(init)?;
     }
+    // The student is the BN-folded teacher, whose tensors keep the teacher's names.
+    let features: Vec<String> = if cfg.feature_weight > 0.0 {
+        plan.points
+            .iter()
+            .map(|p| p.tensor.clone())
+            .filter(|t| t != teacher.input_name())
+            .collect()
+    } else {
+        vec![]
+    };
     let mut run = Run {
         gen_opt: Adam::new(
             generator.params().vars(),
@@ -610,153 +806,31 @@ pub fn train(
         ranges: fixed_ranges.clone(),
         fixed: fixed_ranges.keys().cloned().collect(),
         cfg: cfg.clone(),
+        teacher,
         student,
         plan,
         classes,
         scales,
         learned: Vec::new(),
         range_opt: None,
+        clips,
+        features,
+        io,
+        device,
     };
-    let metrics_path = io.out.join("metrics.jsonl");
-    let (mut start, mut elapsed0, mut history, mut resumed_from) = (0, 0.0, Vec::new(), None);
-    let mut log = Vec::new();
-    let mut resume_dir = None;
-    if let Some(from) = io.resume {
-        let dir = crate::io::find_checkpoint(from).with_context(|| {
-            format!(
-                "{}: no checkpoint to resume from (expected {}/checkpoint/state.json)",
-                from.display(),
-                from.display()
-            )
-        })?;
-        (start, elapsed0) = run.load(&dir)?;
-        resumed_from = Some(start);
-        resume_dir = Some(dir);
-        // Keep the metrics up to the checkpoint; later lines are about to be recomputed.
-        (log, history) =
-            crate::io::kept_log_lines(&from.join("metrics.jsonl"), |m: &Metrics| m.iter < start)?;
-    }
-    crate::io::write_atomic(&metrics_path, &log)?;
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)?;
-    let warmup = cfg.warmup_epochs * cfg.iters_per_epoch;
-    if start >= warmup {
-        run.set_activation_quant()?;
-        if let Some(dir) = &resume_dir {
-            run.load_learned(dir)?;
-        }
-    }
-    let t0 = Instant::now();
-    let teacher_taps = teacher.bn_taps().to_vec();
-    // The student is the BN-folded teacher, whose tensors keep the teacher's names.
-    let features: Vec<String> = if cfg.feature_weight > 0.0 {
-        plan.points
-            .iter()
-            .map(|p| p.tensor.clone())
-            .filter(|t| t != teacher.input_name())
-            .collect()
-    } else {
-        vec![]
-    };
-    for iter in start..cfg.total_iters() {
-        let epoch = iter / cfg.iters_per_epoch;
-        let (z, y) = run.sample(cfg.batch)?;
-        let images = run.generator.forward(&z, &y)?;
-        let (t, teacher_features) = teacher.forward_taps_tensors(&images, &features)?;
-        let ce = candle_nn::loss::cross_entropy(&t.logits, &y)?;
-        let b = bns(&t.bn_inputs, &teacher_taps)?;
-        let loss_g = (&ce + (&b * cfg.bns_weight)?)?;
-        let (ce_v, bns_v) = (
-            finite(
-                ce.to_scalar::<f32>()? as f64,
-                "the generator's CE loss",
-                iter,
-            )?,
-            finite(b.to_scalar::<f32>()? as f64, "the BNS loss", iter)?,
-        );
-        run.gen_opt.step(&loss_g.backward()?)?;
-        let images = images.detach();
-        let lr = cfg.student_lr_at(epoch);
-        let (mut kd_v, mut sce_v, mut feat_v) = (None, None, None);
-        if iter < warmup {
-            run.observe(&images)?;
-            if iter + 1 == warmup {
-                run.set_activation_quant()?;
-            }
-        } else {
-            run.student_opt.lr = lr;
-            let (s, student_features) = run.student.forward_tensors(&images, &features)?;
-            let kd = kd_loss(&s, &t.logits.detach(), cfg.temperature)?;
-            let sce = candle_nn::loss::cross_entropy(&s, &y)?;
-            let mut loss_s = (&kd + (&sce * cfg.student_ce_weight)?)?;
-            if !features.is_empty() {
-                let f = feature_loss(&student_features, &teacher_features)?;
-                feat_v = Some(finite(
-                    f.to_scalar::<f32>()? as f64,
-                    "the feature-distillation loss",
-                    iter,
-                )?);
-                loss_s = (loss_s + (f * cfg.feature_weight)?)?;
-            }
-            kd_v = Some(finite(
-                kd.to_scalar::<f32>()? as f64,
-                "the distillation loss",
-                iter,
-            )?);
-            sce_v = Some(finite(
-                sce.to_scalar::<f32>()? as f64,
-                "the student's CE loss",
-                iter,
-            )?);
-            let grads = loss_s.backward()?;
-            run.student_opt.step(&grads)?;
-            for (var, l, c) in &clips {
-                clamp_var(var, l, Some(c))?;
-            }
-            if let Some(opt) = &mut run.range_opt {
-                opt.lr = cfg.range_lr * lr / cfg.student_lr;
-                opt.step(&grads)?;
-            }
-        }
-        let done = iter + 1;
-        let eval_top1 = match io.eval {
-            Some((every, f)) if every > 0 && (done % every == 0 || done == cfg.total_iters()) => {
-                if done < warmup {
-                    None
-                } else {
-                    Some(f(run.student)?)
-                }
-            }
-            _ => None,
-        };
-        let m = Metrics {
-            iter,
-            epoch,
-            generator_ce: ce_v,
-            bns: bns_v,
-            student_kd: kd_v,
-            student_ce: sce_v,
-            student_feature: feat_v,
-            student_lr: lr,
-            eval_top1,
-            seconds: elapsed0 + t0.elapsed().as_secs_f64(),
-        };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        progress(&m, cfg.total_iters());
-        history.push(m);
-        if io.grid_every > 0 && (done % io.grid_every == 0 || done == cfg.total_iters()) {
-            let p = io.out.join(format!("samples-{done:06}.png"));
-            save_samples(run.generator.as_ref(), &p, classes, &io.denorm)?;
-        }
-        if io.checkpoint_every > 0 && (done % io.checkpoint_every == 0 || done == cfg.total_iters())
-        {
-            run.save(io.out, done, elapsed0 + t0.elapsed().as_secs_f64())?;
-        }
-        if io.stop_after == Some(done) {
-            bail!("stopped after iteration {done} (--stop-after)");
-        }
-    }
+    let outcome = engine::run(
+        &mut run,
+        cfg.total_iters(),
+        &engine::RunIo {
+            out: io.out,
+            resume: io.resume,
+            log_name: "metrics.jsonl",
+            log_every: 1,
+            checkpoint_every: io.checkpoint_every,
+            stop_after: io.stop_after,
+            label: "gdfq",
+        },
+    )?;
     let values = run
         .student
         .vars()
@@ -776,10 +850,10 @@ pub fn train(
     Ok(Outcome {
         ranges,
         values,
-        history,
+        history: outcome.history,
         generator_params: run.generator.params().count(),
         generator_macs: run.generator.macs_per_image(),
-        train_seconds: elapsed0 + t0.elapsed().as_secs_f64(),
-        resumed_from,
+        train_seconds: outcome.seconds,
+        resumed_from: outcome.resumed_from,
     })
 }

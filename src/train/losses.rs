@@ -5,7 +5,7 @@
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
 
-use crate::lower::program::BnTap;
+use crate::lower::program::{BnTap, Forward};
 
 pub use crate::lower::ops::nn::channel_moments;
 
@@ -29,6 +29,28 @@ pub fn bns(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
         });
     }
     Ok((total.expect("non-empty") / taps.len() as f64)?)
+}
+
+/// The reconstruction loss of GDFQ's generator and of AutoReCon's search, CE(teacher(x), y) +
+/// `bns_weight` BNS, from the teacher's forward pass; returns it with the values of its two
+/// terms (finite, else the divergence error naming iteration `iter`).
+pub fn reconstruction(
+    t: &Forward,
+    taps: &[BnTap],
+    y: &Tensor,
+    bns_weight: f64,
+    iter: usize,
+) -> Result<(Tensor, f64, f64)> {
+    let ce = candle_nn::loss::cross_entropy(&t.logits, y)?;
+    let b = bns(&t.bn_inputs, taps)?;
+    let loss = (&ce + (&b * bns_weight)?)?;
+    let ce_v = super::engine::finite(
+        ce.to_scalar::<f32>()? as f64,
+        "the generator's CE loss",
+        iter,
+    )?;
+    let bns_v = super::engine::finite(b.to_scalar::<f32>()? as f64, "the BNS loss", iter)?;
+    Ok((loss, ce_v, bns_v))
 }
 
 /// Intermediate-feature distillation: the mean over tensors of MSE(s, t) / mean(t^2), so every

@@ -1,7 +1,9 @@
 //! Training: losses shared by every data-free method (BN-statistics matching, distillation),
-//! optimisers, and training loops.
+//! optimisers, the run engine every training loop goes through, and the GDFQ and supervised
+//! training steps.
 
 pub mod classifier;
+pub mod engine;
 pub mod gdfq;
 pub mod losses;
 pub mod optim;

@@ -11,6 +11,7 @@ use candle_core::{D, DType, Tensor};
 
 use super::{Builder, NodeCtx, Op, axis, input, opt};
 use crate::lower::value::{RunCtx, Value};
+use crate::onnx::padding::AutoPad;
 
 pub fn register(reg: &mut HashMap<&'static str, Builder>) {
     reg.insert("Conv", conv);
@@ -33,7 +34,7 @@ pub fn register(reg: &mut HashMap<&'static str, Builder>) {
 /// Spatial window parameters shared by Conv, ConvTranspose and pooling (2-D after lifting 1-D).
 #[derive(Debug, Clone)]
 struct Window {
-    auto_pad: String,
+    auto_pad: AutoPad,
     kernel: Option<Vec<usize>>,
     strides: Vec<usize>,
     dilations: Vec<usize>,
@@ -55,14 +56,7 @@ fn positive(v: Vec<i64>, what: &str) -> Result<Vec<usize>> {
 
 impl Window {
     fn parse(n: &NodeCtx, default_kernel: bool) -> Result<Self> {
-        let auto_pad = n.string("auto_pad", "NOTSET");
-        ensure!(
-            matches!(
-                auto_pad.as_str(),
-                "NOTSET" | "SAME_UPPER" | "SAME_LOWER" | "VALID"
-            ),
-            "auto_pad '{auto_pad}' is not one of NOTSET, SAME_UPPER, SAME_LOWER, VALID"
-        );
+        let auto_pad = AutoPad::parse(&n.string("auto_pad", "NOTSET"))?;
         let kernel = n
             .ints("kernel_shape")
             .map(|k| positive(k, "kernel_shape"))
@@ -107,32 +101,17 @@ impl Window {
         s: &[usize],
         d: &[usize],
     ) -> Result<Vec<(usize, usize)>> {
-        let rank = ins.len();
-        Ok(match self.auto_pad.as_str() {
-            "VALID" => vec![(0, 0); rank],
-            "SAME_UPPER" | "SAME_LOWER" => (0..rank)
-                .map(|i| {
-                    let out = ins[i].div_ceil(s[i]);
-                    let total = ((out - 1) * s[i] + (k[i] - 1) * d[i] + 1).saturating_sub(ins[i]);
-                    let small = total / 2;
-                    if self.auto_pad == "SAME_UPPER" {
-                        (small, total - small)
-                    } else {
-                        (total - small, small)
-                    }
-                })
-                .collect(),
-            _ => {
-                let p = Self::per_axis(&self.pads, 2 * rank, 0);
-                ensure!(
-                    p.len() == 2 * rank,
-                    "pads has {} values, expected {}",
-                    p.len(),
-                    2 * rank
-                );
-                (0..rank).map(|i| (p[i], p[i + rank])).collect()
-            }
-        })
+        self.auto_pad.resolve(ins, k, s, d, &self.pads)
+    }
+}
+
+/// ConvTranspose's split of a total padding (ONNX: the extra pixel goes first unless
+/// SAME_UPPER, also for explicit pads with `output_shape`).
+fn transpose_split(a: AutoPad, total: usize) -> (usize, usize) {
+    if a == AutoPad::SameUpper {
+        AutoPad::SameUpper.split(total)
+    } else {
+        AutoPad::SameLower.split(total)
     }
 }
 
@@ -324,29 +303,18 @@ impl Op for ConvTranspose {
         let pads: Vec<(usize, usize)> = if let Some(os) = &self.output_shape {
             let os = lift_axis(os.clone(), lifted, 1);
             (0..2)
-                .map(|i| {
-                    let total = (full[i] + op[i]).saturating_sub(os[i]);
-                    let half = total / 2;
-                    if self.w.auto_pad == "SAME_UPPER" {
-                        (half, total - half)
-                    } else {
-                        (total - half, half)
-                    }
-                })
+                .map(|i| transpose_split(self.w.auto_pad, (full[i] + op[i]).saturating_sub(os[i])))
                 .collect()
-        } else if matches!(self.w.auto_pad.as_str(), "SAME_UPPER" | "SAME_LOWER") {
+        } else if self.w.auto_pad.is_same() {
             (0..2)
                 .map(|i| {
-                    let total = (full[i] + op[i]).saturating_sub(ins[i] * s[i]);
-                    let half = total / 2;
-                    if self.w.auto_pad == "SAME_UPPER" {
-                        (half, total - half)
-                    } else {
-                        (total - half, half)
-                    }
+                    transpose_split(
+                        self.w.auto_pad,
+                        (full[i] + op[i]).saturating_sub(ins[i] * s[i]),
+                    )
                 })
                 .collect()
-        } else if self.w.auto_pad == "VALID" {
+        } else if self.w.auto_pad == AutoPad::Valid {
             vec![(0, 0); 2]
         } else {
             lift_pads(

@@ -1,5 +1,7 @@
-//! The command-line interface: argument parsing (clap) and dispatch to the library. Exit codes:
-//! 0 success, 1 a check did not pass, 2 bad input or usage.
+//! The command-line interface: argument parsing (clap, the flag structs in `args`) and dispatch
+//! to the library. Exit codes: 0 success, 1 a check did not pass, 2 bad input or usage.
+
+pub mod args;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +11,10 @@ use clap::{Parser, Subcommand};
 
 use crate::data::{self, Preprocess};
 use crate::onnx;
+use crate::teacher::Teacher;
 use crate::verify::engine::EngineKind;
 use crate::verify::{eval, ort_runtime};
+pub use args::{CompressArgs, DataArgs, PreprocessArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,6 +38,8 @@ pub enum Command {
     Inspect {
         /// The ONNX model file.
         model: PathBuf,
+        #[command(flatten)]
+        pre: PreprocessArgs,
         /// Print one JSON document (schema in README) instead of the human summary.
         #[arg(long)]
         json: bool,
@@ -97,7 +103,7 @@ pub enum Command {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
-        opts: Box<crate::compress::Options>,
+        opts: Box<CompressArgs>,
         /// Labelled data to MEASURE the student on (never used to compress).
         #[arg(long)]
         data: Option<String>,
@@ -128,7 +134,12 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[command(flatten)]
-        search: crate::compress::SearchArgs,
+        search: args::SearchArgs,
+        /// Where the search runs: cpu, or cuda[:N] (needs a build with the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        device: crate::device::DeviceArg,
+        #[command(flatten)]
+        pre: PreprocessArgs,
         /// Continue the search whose output folder (with its checkpoint/) is DIR.
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
@@ -210,71 +221,14 @@ pub enum Command {
     },
 }
 
-/// How images become model inputs: x = (pixel / scale - mean) / std.
-#[derive(clap::Args, Debug, Clone, Copy)]
-pub struct PreprocessArgs {
-    /// Per-channel mean, "r,g,b".
-    #[arg(long, value_parser = data::parse_triple)]
-    pub mean: Option<[f32; 3]>,
-    /// Per-channel std, "r,g,b".
-    #[arg(long, value_parser = data::parse_triple)]
-    pub std: Option<[f32; 3]>,
-    /// Pixel scale.
-    #[arg(long, default_value_t = 255.0)]
-    pub scale: f32,
-}
-
-/// Labelled data and its preprocessing.
-#[derive(clap::Args, Debug)]
-pub struct DataArgs {
-    /// Labelled data: a CIFAR-10/100 binary file (or `cifar10:FILE` / `cifar100:FILE`), or a folder
-    /// of class sub-folders of PNG/JPEG images (class = sub-folder index in sorted order).
-    #[arg(long)]
-    pub data: String,
-    #[command(flatten)]
-    pre: PreprocessArgs,
-}
-
-/// Preprocessing from the flags; flags not given fall back to what the model records in its
-/// metadata (`datafree.preprocess.mean` / `.std`, as the quick-start teacher does), then to
-/// mean 0, std 1.
-fn preprocess(a: PreprocessArgs, model: &onnx::LoadedModel) -> anyhow::Result<Preprocess> {
-    let meta = |k: &str| {
-        model
-            .proto
-            .metadata_props
-            .iter()
-            .find(|e| e.key == k)
-            .map(|e| e.value.clone())
-    };
-    let from_meta = |k: &str| -> anyhow::Result<Option<[f32; 3]>> {
-        meta(k)
-            .map(|v| {
-                data::parse_triple(&v)
-                    .with_context(|| format!("{}: metadata {k}", model.path.display()))
-            })
-            .transpose()
-    };
-    let mean = match a.mean {
-        Some(m) => Some(m),
-        None => from_meta("datafree.preprocess.mean")?,
-    };
-    let std = match a.std {
-        Some(s) => Some(s),
-        None => from_meta("datafree.preprocess.std")?,
-    };
-    let scale = a.scale;
-    let d = Preprocess::default();
-    let p = Preprocess {
-        mean: mean.unwrap_or(d.mean),
-        std: std.unwrap_or(d.std),
-        scale,
-    };
-    anyhow::ensure!(
-        p.std.iter().all(|&s| s != 0.0) && scale != 0.0,
-        "--std and --scale must not be 0"
-    );
-    Ok(p)
+/// The preprocessing of a model's inputs: the flags, else its metadata, else its BN statistics.
+fn preprocess(a: &PreprocessArgs, model: &onnx::LoadedModel) -> anyhow::Result<Preprocess> {
+    let given = a.given()?;
+    let info = onnx::inspect::inspect(model);
+    let (h, w) = info.input_resolution.as_ref().map_or((0, 0), |r| {
+        (r.height.max(0) as usize, r.width.max(0) as usize)
+    });
+    Ok(crate::teacher::InputDomain::resolve(model, &info.batch_norm, given, (h, w)).preprocess)
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -300,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             extra,
         } => {
-            let p = crate::pipeline::load(&pipeline, &set)?;
+            let p = crate::pipeline::recipe::load(&pipeline, &set)?;
             let teacher = teacher.or(p.teacher.clone()).with_context(|| {
                 format!(
                     "{}: no teacher in the file; pass --teacher",
@@ -328,13 +282,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })?;
             run(cli)
         }
-        Command::Inspect { model, json } => {
+        Command::Inspect { model, pre, json } => {
             let loaded = onnx::load_model(&model)?;
-            let report = onnx::inspect::inspect(&loaded);
+            onnx::check::parameters(&loaded)?;
+            let given = pre.given()?;
+            // A model without an NCHW image input is still described; only the domain is left out.
+            let (report, domain) = match crate::teacher::Teacher::new(loaded.clone(), given) {
+                Ok(t) => (t.info, Some(t.domain)),
+                Err(_) => (onnx::inspect::inspect(&loaded), None),
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                #[derive(serde::Serialize)]
+                struct Out<'a> {
+                    #[serde(flatten)]
+                    report: &'a onnx::inspect::InspectReport,
+                    input_domain: Option<&'a crate::teacher::InputDomain>,
+                }
+                let out = Out {
+                    report: &report,
+                    input_domain: domain.as_ref(),
+                };
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
-                print!("{}", crate::report::render_inspect(&report));
+                print!(
+                    "{}",
+                    crate::report::render_inspect(&report, domain.as_ref())
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -349,7 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = onnx::load_model(&model)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(d.pre, &loaded)?;
+            let pre = preprocess(&d.pre, &loaded)?;
             let mut ds = data::open(&d.data, h, w)?;
             if let Some(n) = limit {
                 ds.truncate(n);
@@ -385,7 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = onnx::load_model(&model)?;
             let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(pre, &loaded)?;
+            let pre = preprocess(&pre, &loaded)?;
             let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
             let r = eval::check(&loaded, ds.as_ref(), &pre, limit, batch, seed, tolerance)?;
             if json {
@@ -434,29 +407,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pre,
             json,
         } => {
-            let loaded = onnx::load_model(&teacher)?;
-            let (_, _, h, w) = eval::input_geometry(&loaded)?;
-            let pre = preprocess(pre, &loaded)?;
-            let ds = d.map(|s| data::open(&s, h, w)).transpose()?;
+            let teacher = Teacher::open(&teacher, pre.given()?)?;
+            let ds = d
+                .map(|s| data::open(&s, teacher.height, teacher.width))
+                .transpose()?;
             // Bad settings are refused before anything is written.
-            opts.check(&loaded)?;
+            let cfg = opts.config()?;
+            cfg.check(&teacher)?;
             // Resuming into the run's own folder is the normal case.
             let same = opts.gdfq.resume.as_deref() == Some(out.as_path());
-            crate::compress::prepare_out_dir(&out, force || same)?;
+            crate::pipeline::prepare_out_dir(&out, force || same)?;
             let quiet = json;
             let mut log = |m: &str| {
                 if !quiet {
                     eprintln!("{m}");
                 }
             };
-            let r = crate::compress::compress(
-                &loaded,
-                &out,
-                &opts,
-                ds.as_ref().map(|d| (d, &pre)),
-                &mut log,
-            )?;
-            let path = crate::compress::write_report(&out, &r)?;
+            let r = crate::pipeline::compress(&teacher, &out, &cfg, ds.as_ref(), &mut log)?;
+            let path = crate::pipeline::write_report(&out, &r)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -472,24 +440,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             preset,
             seed,
             search,
+            device,
+            pre,
             resume,
             log_every,
             stop_after,
             json,
         } => {
-            let loaded = onnx::load_model(&teacher)?;
-            let (_, c, h, w) = eval::input_geometry(&loaded)?;
-            anyhow::ensure!(
-                h == w,
-                "{}: the AutoReCon generator makes square images, the input is {h}x{w}",
-                teacher.display()
-            );
-            let same = resume.as_deref() == Some(out.as_path());
-            crate::compress::prepare_out_dir(&out, force || same)?;
+            let teacher = Teacher::open(&teacher, pre.given()?)?;
             let cfg = search.config(preset, seed)?;
-            let tp =
-                crate::lower::lower(&loaded, &candle_core::Device::Cpu, candle_core::DType::F32)?;
-            let classes = crate::compress::classes(&loaded, &tp, (c, h))?;
+            anyhow::ensure!(
+                teacher.has_bn_statistics(),
+                "{}: the AutoReCon search needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept",
+                teacher.name()
+            );
+            let device = device.open()?;
+            let same = resume.as_deref() == Some(out.as_path());
+            crate::pipeline::prepare_out_dir(&out, force || same)?;
             let io = crate::search::SearchIo {
                 out: &out,
                 resume: resume.as_deref(),
@@ -498,19 +465,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 stop_after,
             };
             let quiet = json;
-            let (_, report) = crate::compress::run_search(
-                &tp,
-                &teacher.display().to_string(),
-                classes,
-                (c, h),
-                cfg,
-                &io,
-                &mut |m| {
+            let (_, report) =
+                crate::methods::autorecon::search(&teacher, cfg, &io, &device, &mut |m| {
                     if !quiet {
                         eprintln!("{m}");
                     }
-                },
-            )?;
+                })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -534,18 +494,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             junit,
         } => {
             let s = onnx::load_model(&student)?;
-            let r = onnx::load_model(&reference)?;
-            let (_, _, h, w) = eval::input_geometry(&r)?;
-            let pre = preprocess(pre, &r)?;
-            let mut ds = d.map(|x| data::open(&x, h, w)).transpose()?;
+            let teacher = Teacher::open(&reference, pre.given()?)?;
+            let r = &teacher.model;
+            let pre = teacher.preprocess();
+            let mut ds = d
+                .map(|x| data::open(&x, teacher.height, teacher.width))
+                .transpose()?;
             if let (Some(d), Some(n)) = (ds.as_mut(), limit) {
                 d.truncate(n);
             }
             let inputs = match &ds {
-                Some(d) => crate::verify::compare::Inputs::Data(d, &pre),
+                Some(d) => crate::verify::compare::Inputs::Data(d, pre),
                 None => crate::verify::compare::Inputs::Noise { images, seed },
             };
-            let c = crate::verify::compare::compare(&s, &r, &inputs, 100, max_sim_diff.is_some())?;
+            let c = crate::verify::compare::compare(&s, r, &inputs, 100, max_sim_diff.is_some())?;
             let checks =
                 crate::verify::gate::checks(&c, min_agreement, max_top1_drop, max_sim_diff);
             let g = crate::verify::gate::GateReport {

@@ -1,4 +1,4 @@
-//! Declarative pipeline files (TOML): one recipe with every hyper-parameter, run by
+//! Declarative pipeline files (TOML, `pipelines/`): one recipe with every hyper-parameter, run by
 //! `datafree run`. The `[compress]` table holds `datafree compress` flags by their long names
 //! (`iters_per_epoch` or `iters-per-epoch`); `datafree run` turns the file into exactly the
 //! command line `compress` would get, so a pipeline and the flags can never disagree.

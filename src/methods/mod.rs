@@ -1,0 +1,228 @@
+//! Data-free methods, one module each, behind one entry point ([`run`]): given the teacher, the
+//! student's float graph and its quantization plan, a method finds the activation ranges and,
+//! when it trains, fine-tuned student weights, and says what it did in a [`MethodReport`].
+//! `ptq` holds the calibration-only methods (BN-analytic, noise, ZeroQ); `gdfq` trains a
+//! generator and distils the student; `autorecon` searches the generator's architecture first.
+
+pub mod autorecon;
+pub mod gdfq;
+pub mod ptq;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::data::Dataset;
+use crate::onnx::LoadedModel;
+use crate::onnx::pb::ModelProto;
+use crate::quant::calibrate::Ranges;
+use crate::quant::placement::Plan;
+use crate::quant::{BitSpec, Scales, WeightClip, WeightScheme};
+use crate::search::SearchReport;
+use crate::teacher::Teacher;
+use crate::train::gdfq::Config as TrainConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Analytic ranges from BN statistics (no inputs at all).
+    PtqBn,
+    /// Ranges observed on Gaussian-noise inputs.
+    PtqNoise,
+    /// Ranges observed on ZeroQ-style distilled inputs (BN statistics matched by optimisation).
+    Zeroq,
+    /// GDFQ: a class-conditional generator trained on the teacher's BN statistics; ranges from
+    /// its images, and the student fine-tuned on them by distillation.
+    Gdfq,
+    /// AutoReCon: GDFQ with a generator whose architecture was searched for this teacher
+    /// (`datafree search`; runs the search first unless --genotype is given).
+    Autorecon,
+}
+
+impl Method {
+    /// Whether the method fine-tunes the student (and needs BN statistics to do so).
+    pub fn trains(self) -> bool {
+        matches!(self, Method::Gdfq | Method::Autorecon)
+    }
+
+    /// The name on the command line (`ptq-bn`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::PtqBn => "ptq-bn",
+            Method::PtqNoise => "ptq-noise",
+            Method::Zeroq => "zeroq",
+            Method::Gdfq => "gdfq",
+            Method::Autorecon => "autorecon",
+        }
+    }
+}
+
+/// Where one activation range came from (rendered into the report).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RangeOrigin {
+    /// mean +- k std of the Gaussian the BN statistics describe.
+    BnStatistics { k: f64 },
+    /// Noise, because no BN statistics reach the tensor (ptq-bn's fallback).
+    NoiseFallback,
+    /// Gaussian-noise inputs.
+    Noise { images: usize },
+    /// ZeroQ-distilled inputs.
+    Zeroq {
+        images: usize,
+        steps: usize,
+        bns: f32,
+    },
+    /// EMA of batch min/max of generated images during the generator warm-up.
+    Generated { method: Method },
+    /// Any of the above, then learned with the student.
+    Learned {
+        from: Box<RangeOrigin>,
+        range_lr: f64,
+    },
+}
+
+impl std::fmt::Display for RangeOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RangeOrigin::BnStatistics { k } => write!(f, "BN statistics, mean +- {k} std"),
+            RangeOrigin::NoiseFallback => f.write_str("noise (no BN statistics reach it)"),
+            RangeOrigin::Noise { images } => write!(f, "N(0,1) noise, {images} images"),
+            RangeOrigin::Zeroq { images, steps, bns } => {
+                write!(
+                    f,
+                    "ZeroQ inputs ({images} images, {steps} steps, BNS {bns:.4})"
+                )
+            }
+            RangeOrigin::Generated { method } => write!(
+                f,
+                "{} generator images (EMA of batch min/max during warm-up)",
+                if *method == Method::Autorecon {
+                    "AutoReCon"
+                } else {
+                    "GDFQ"
+                }
+            ),
+            RangeOrigin::Learned { from, range_lr } => {
+                write!(
+                    f,
+                    "{from}; then learned with the student (--range-lr {range_lr})"
+                )
+            }
+        }
+    }
+}
+
+/// The settings of the calibration-only methods.
+#[derive(Debug, Clone)]
+pub struct PtqSettings {
+    /// Calibration images (noise, zeroq).
+    pub calib_images: usize,
+    pub zeroq_iters: usize,
+    pub zeroq_lr: f64,
+    /// Clip observed ranges at this percentile instead of min/max.
+    pub percentile: Option<f64>,
+    /// k in mean +- k std for ptq-bn ranges (None: by bit width).
+    pub bn_k: Option<f64>,
+}
+
+/// The AutoReCon-specific settings (the generator stage is GDFQ's).
+#[derive(Debug, Clone)]
+pub struct AutoreconSettings {
+    /// A genotype from `datafree search`; without it the search runs first into OUT/search.
+    pub genotype: Option<std::path::PathBuf>,
+    pub generator_width: Option<usize>,
+    pub inherit_weights: bool,
+    pub search: crate::search::SearchConfig,
+    pub search_checkpoint_every: usize,
+    pub search_stop_after: Option<usize>,
+}
+
+/// Where a training method reads and writes, and what it measures on the way.
+#[derive(Debug, Clone, Default)]
+pub struct RunSettings {
+    pub checkpoint_every: usize,
+    /// Continue the run whose output folder is this.
+    pub resume: Option<std::path::PathBuf>,
+    pub grid_every: usize,
+    /// Evaluate the fake-quantized student on the measuring data every N iterations.
+    pub eval_every: Option<usize>,
+    pub eval_images: usize,
+    /// Fail after N iterations, as if killed (tests resume).
+    pub stop_after: Option<usize>,
+}
+
+/// Everything a method may need.
+pub struct Context<'a> {
+    pub teacher: &'a Teacher,
+    /// The float graph the plan quantizes (the teacher with BN folded, or kept).
+    pub float: &'a LoadedModel,
+    pub plan: &'a Plan,
+    pub bits: BitSpec,
+    pub weight_scheme: WeightScheme,
+    pub scales: Scales,
+    pub weight_clip: WeightClip,
+    /// Whether the student's BN is folded into its convs.
+    pub bn_folded: bool,
+    pub seed: u64,
+    pub ptq: &'a PtqSettings,
+    pub train: &'a TrainConfig,
+    pub autorecon: &'a AutoreconSettings,
+    pub run: &'a RunSettings,
+    pub out: &'a Path,
+    /// Labelled data, only to MEASURE the student while it trains.
+    pub data: Option<&'a Dataset>,
+    pub device: &'a Device,
+}
+
+/// What a training method reports (report.json's `training`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "method", rename_all = "kebab-case")]
+pub enum MethodReport {
+    Gdfq(gdfq::GdfqReport),
+    Autorecon {
+        /// The search that produced the generator, when it ran in this command.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        search: Option<Box<SearchReport>>,
+        #[serde(flatten)]
+        stage: gdfq::GdfqReport,
+    },
+}
+
+impl MethodReport {
+    /// The generator-and-student stage (both methods have one).
+    pub fn stage(&self) -> &gdfq::GdfqReport {
+        match self {
+            MethodReport::Gdfq(g) | MethodReport::Autorecon { stage: g, .. } => g,
+        }
+    }
+
+    pub fn search(&self) -> Option<&SearchReport> {
+        match self {
+            MethodReport::Autorecon { search, .. } => search.as_deref(),
+            MethodReport::Gdfq(_) => None,
+        }
+    }
+}
+
+/// What a method hands back.
+pub struct MethodOutput {
+    pub ranges: Ranges,
+    pub origins: HashMap<String, RangeOrigin>,
+    /// The fine-tuned float student in the plan's graph, when the method trains.
+    pub trained: Option<ModelProto>,
+    pub report: Option<MethodReport>,
+}
+
+/// Runs `method`.
+pub fn run(method: Method, ctx: &Context, log: &mut dyn FnMut(&str)) -> Result<MethodOutput> {
+    match method {
+        Method::PtqBn => ptq::bn(ctx),
+        Method::PtqNoise => ptq::noise(ctx),
+        Method::Zeroq => ptq::zeroq(ctx, log),
+        Method::Gdfq => gdfq::run(ctx, None, log),
+        Method::Autorecon => autorecon::run(ctx, log),
+    }
+}

@@ -1,0 +1,145 @@
+//! What `compress` reports (DIR/report.json; `crate::report` renders it for humans) and what it
+//! records in the student's metadata.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::{BnMode, CompressConfig};
+use crate::methods::{Method, MethodReport, RangeOrigin};
+use crate::quant::placement::{self, Plan};
+use crate::quant::{Scales, WeightClip, WeightScheme};
+use crate::teacher::Teacher;
+use crate::verify::compare::Comparison;
+
+/// One PTQ baseline's result (with `--baselines`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    pub method: Method,
+    /// Student top-1 in ONNX Runtime on the measuring data (None without --data).
+    pub top1: Option<f64>,
+    /// Agreement with the teacher (on the data, else on noise).
+    pub agreement: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PointReport {
+    pub tensor: String,
+    pub bits: u8,
+    pub role: placement::Role,
+    pub range: (f32, f32),
+    pub scale: f32,
+    pub zero_point: i32,
+    /// How the range was found.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub tool: String,
+    pub teacher: String,
+    pub teacher_sha256: String,
+    pub student: String,
+    pub student_sha256: String,
+    pub method: Method,
+    pub bits: String,
+    pub first_last_bits: Option<u8>,
+    pub weight_scheme: WeightScheme,
+    pub weight_clip: WeightClip,
+    pub scales: Scales,
+    /// Layers whose f32 arithmetic is not provably exact (see `Scales::Exact`).
+    pub inexact_layers: Vec<String>,
+    pub bn: BnMode,
+    pub bn_folded: usize,
+    pub seed: u64,
+    pub placement: String,
+    pub notes: Vec<String>,
+    pub layers: Vec<placement::Layer>,
+    pub activations: Vec<PointReport>,
+    pub calibration_seconds: f64,
+    /// What a training method (gdfq, autorecon) did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<MethodReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<Baseline>,
+    /// On seeded noise inputs.
+    pub verification_noise: Comparison,
+    /// On the labelled data given with --data.
+    pub verification_data: Option<Comparison>,
+    pub wall_seconds: f64,
+}
+
+pub const PLACEMENT: &str = "weights per output channel (int8 container); activations at the data input of every Conv/Gemm/MatMul (M bits, uint8 container, Clip for M < 8); the network input at 8 bits; with BN folded, layer outputs feeding anything but a ReLU at 8 bits (where the GDFQ reference keeps float), so ONNX Runtime can fuse Conv/Add";
+
+/// Writes the report atomically next to the student.
+pub fn write_report(out: &Path, r: &Report) -> Result<PathBuf> {
+    let p = out.join("report.json");
+    crate::io::write_atomic(&p, serde_json::to_string_pretty(r)?.as_bytes())?;
+    Ok(p)
+}
+
+/// The provenance written into the student's metadata.
+pub fn metadata(teacher: &Teacher, cfg: &CompressConfig) -> Vec<(String, String)> {
+    [
+        ("datafree.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("datafree.method", cfg.method.name().to_string()),
+        ("datafree.bits", cfg.bits.to_string()),
+        (
+            "datafree.first_last_bits",
+            cfg.first_last_bits.map_or("none".into(), |b| b.to_string()),
+        ),
+        ("datafree.seed", cfg.seed.to_string()),
+        ("datafree.scales", crate::cli_name(&cfg.scales)),
+        ("datafree.teacher_sha256", teacher.model.sha256.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Notes a user should read with the numbers.
+pub fn notes(
+    teacher: &Teacher,
+    cfg: &CompressConfig,
+    plan: &Plan,
+    origins: &HashMap<String, RangeOrigin>,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    let fallback = origins
+        .values()
+        .filter(|o| **o == RangeOrigin::NoiseFallback)
+        .count();
+    if cfg.method == Method::PtqBn && fallback > 0 {
+        notes.push(format!(
+            "ptq-bn: {fallback} of {} activation points are not reached by BN statistics and were calibrated on noise instead{}",
+            plan.points.len(),
+            if teacher.bn().bn_count == 0 {
+                " (the teacher has no BatchNormalization: BN was folded at export)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if !cfg.full_range_weights
+        && plan.layers.iter().any(|l| l.weight_bits == 7)
+        && cfg.bits.weights == 8
+    {
+        notes.push("8-bit weights use a 7-bit range (+-63): ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI saturate int16 pair sums with full-range int8 weights (measured on cifar10_resnet20: simulation-vs-ORT agreement 97.3% -> 99.95%); pass --full-range-weights for VNNI/ARM targets".into());
+    }
+    if cfg.bits.activations < 8 {
+        notes.push(format!("{}-bit activations need Clip before QuantizeLinear: ONNX Runtime runs those layers through float kernels (no QLinearConv), so this model is smaller but not faster on ORT CPU", cfg.bits.activations));
+    }
+    if cfg.int4_weights {
+        notes.push("weights of 4 bits or fewer are stored as INT4 (opset 21): the file is smaller, but ONNX Runtime does not fuse INT4 layers and tract cannot read INT4".into());
+    }
+    if cfg.bn == BnMode::Keep {
+        notes.push(
+            "BatchNormalization kept in float between Conv and ReLU: ORT cannot fuse those convs"
+                .into(),
+        );
+    }
+    notes
+}
