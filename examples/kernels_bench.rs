@@ -11,6 +11,10 @@
 //! Every (case, implementation) runs in its own process, so the peak resident memory it reports
 //! is that case's alone.
 
+#[path = "../tests/it/fixtures.rs"]
+#[allow(dead_code)]
+mod fixtures;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -19,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use datafree::generator::{GdfqConfig, GdfqGenerator};
 use datafree::kernels::{self, Conv2dSpec};
-use datafree::onnx::{fixtures, from_bytes};
+use datafree::onnx::from_bytes;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

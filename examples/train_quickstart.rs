@@ -5,14 +5,18 @@
 //!
 //!     cargo run --release --example train_quickstart [-- OUT_DIR]
 
+#[path = "../tests/it/fixtures.rs"]
+#[allow(dead_code)]
+mod fixtures;
+
 use std::path::Path;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use datafree::data::{Preprocess, synthetic};
 use datafree::onnx::builder::write_model;
-use datafree::onnx::fixtures::{self, BnVariant, QUICKSTART_SEED};
 use datafree::train::classifier::{Recipe, train};
+use fixtures::{BnVariant, QUICKSTART_SEED};
 
 const MEAN: [f32; 3] = [0.5, 0.5, 0.5];
 const STD: [f32; 3] = [0.25, 0.25, 0.25];
@@ -75,7 +79,7 @@ fn main() -> Result<()> {
         "{msg} [{bar:30}] {pos}/{len} steps, eta {eta}",
     )?);
     let t0 = std::time::Instant::now();
-    let mut trained = train(&init, &recipe, &mut batches, |s, l| {
+    let mut trained = train(&init, &Device::Cpu, &recipe, &mut batches, |s, l| {
         pb.set_position(s as u64 + 1);
         pb.set_message(format!("train, loss {l:.3}"));
     })?;

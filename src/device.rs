@@ -5,6 +5,10 @@
 use anyhow::{Result, bail};
 use candle_core::Device;
 
+/// The host CPU: where verification runs (our simulation must compute exactly what ONNX
+/// Runtime's CPU kernels compute) and where CPU-only fallbacks copy tensors to.
+pub const HOST: Device = Device::Cpu;
+
 /// Where training runs, as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceArg {
@@ -44,7 +48,7 @@ impl DeviceArg {
     /// Opens the device.
     pub fn open(self) -> Result<Device> {
         match self {
-            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cpu => Ok(HOST),
             DeviceArg::Cuda(n) => open_cuda(n),
         }
     }

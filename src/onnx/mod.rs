@@ -5,7 +5,6 @@
 pub mod bn;
 pub mod builder;
 pub mod check;
-pub mod fixtures;
 pub mod graph;
 pub mod inspect;
 pub mod load;
@@ -14,10 +13,6 @@ pub mod tensor;
 
 pub use load::{LoadedModel, from_bytes, load_model};
 
-/// Decodes model bytes, panicking on error (tests only).
-pub fn from_bytes_for_tests(path: &std::path::Path, bytes: &[u8]) -> LoadedModel {
-    from_bytes(path, bytes).expect("valid test model")
-}
 pub use tract_onnx::pb;
 
 use std::path::PathBuf;

@@ -94,7 +94,7 @@ pub fn fake_quant_activation(x: &Tensor, q: QParams) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1(Activation(q))?);
     }
     let y = x
-        .to_device(&Device::Cpu)?
+        .to_device(&crate::device::HOST)?
         .contiguous()?
         .apply_op1_no_bwd(&Activation(q))?;
     Ok((y.to_device(x.device())? + (x - x.detach())?)?)

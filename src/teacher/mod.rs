@@ -11,6 +11,7 @@ use anyhow::{Context, Result, ensure};
 use candle_core::{DType, Device};
 
 use crate::data::Preprocess;
+use crate::device::HOST;
 use crate::lower::Program;
 use crate::onnx::bn::BnReport;
 use crate::onnx::inspect::InspectReport;
@@ -46,11 +47,11 @@ impl Teacher {
             Some(c) => c,
             None => {
                 // No declared class axis: one forward pass says it.
-                let p = crate::lower::lower(&model, &Device::Cpu, DType::F32)?;
+                let p = crate::lower::lower(&model, &HOST, DType::F32)?;
                 let x = candle_core::Tensor::from_vec(
                     domain.noise(&[2, channels, height, width], 0),
                     (2, channels, height, width),
-                    &Device::Cpu,
+                    &HOST,
                 )?;
                 p.forward(&x)?.dim(1)?
             }

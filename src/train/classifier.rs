@@ -30,11 +30,12 @@ pub type Batches<'a> = dyn FnMut(usize) -> Result<(Tensor, Vec<u32>)> + 'a;
 /// Trains `model`; `batch(step)` yields training batches. Returns the trained graph.
 pub fn train(
     model: &LoadedModel,
+    device: &Device,
     recipe: &Recipe,
     batch: &mut Batches,
     mut on_step: impl FnMut(usize, f32),
 ) -> Result<ModelProto> {
-    let mut prog = lower_with(model, &Device::Cpu, DType::F32, true)?;
+    let mut prog = lower_with(model, device, DType::F32, true)?;
     prog.set_bn_batch_stats(true);
     let vars: Vec<_> = prog.vars().iter().map(|(_, v)| v.clone()).collect();
     ensure!(
@@ -49,7 +50,7 @@ pub fn train(
             * 0.5
             * (1.0 + (std::f64::consts::PI * step as f64 / recipe.steps as f64).cos());
         let (x, y) = batch(step)?;
-        let y = Tensor::new(y.as_slice(), &Device::Cpu)?;
+        let y = Tensor::new(y.as_slice(), device)?;
         let loss = candle_nn::loss::cross_entropy(&prog.forward(&x)?, &y)?;
         let l = loss.to_scalar::<f32>()?;
         ensure!(

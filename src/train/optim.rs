@@ -157,7 +157,7 @@ impl State for Adam {
         save_slots("v", &self.v, &mut out);
         out.push((
             "t".into(),
-            Tensor::new(&[self.t as f64], &candle_core::Device::Cpu)?,
+            Tensor::new(&[self.t as f64], &crate::device::HOST)?,
         ));
         Ok(out)
     }

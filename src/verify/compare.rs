@@ -6,12 +6,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::eval::{Accuracy, argmax, input_geometry, progress};
 use super::ort_runtime;
 use crate::data::{Dataset, Preprocess};
+use crate::device::HOST;
 use crate::onnx::LoadedModel;
 
 /// Inputs to compare on.
@@ -87,7 +88,7 @@ pub fn compare(
     let mut s = ort_runtime::session(&student.path, 0)?;
     let mut r = ort_runtime::session(&reference.path, 0)?;
     let sim = if simulate {
-        crate::lower::lower(student, &Device::Cpu, DType::F32).map_err(|e| format!("{e:#}"))
+        crate::lower::lower(student, &HOST, DType::F32).map_err(|e| format!("{e:#}"))
     } else {
         Err("not requested".to_string())
     };
@@ -105,13 +106,11 @@ pub fn compare(
         let shape = [end - start, c, h, w];
         let x: Vec<f32> = match inputs {
             Inputs::Data(d, pre) => pre.batch(d, start..end),
-            Inputs::Noise { seed, .. } => crate::quant::calibrate::noise(
-                &shape,
-                seed.wrapping_add(start as u64),
-                &Device::Cpu,
-            )?
-            .flatten_all()?
-            .to_vec1()?,
+            Inputs::Noise { seed, .. } => {
+                crate::quant::calibrate::noise(&shape, seed.wrapping_add(start as u64), &HOST)?
+                    .flatten_all()?
+                    .to_vec1()?
+            }
         };
         let (_, so) = ort_runtime::run_f32(&mut s, &shape, &x)?;
         let (_, ro) = ort_runtime::run_f32(&mut r, &shape, &x)?;
@@ -126,7 +125,7 @@ pub fn compare(
             .count();
         if let (Ok(p), None) = (&sim, &sim_err) {
             match p
-                .forward(&Tensor::from_slice(&x, &shape, &Device::Cpu)?)
+                .forward(&Tensor::from_slice(&x, &shape, &HOST)?)
                 .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
             {
                 Ok(y) => {
@@ -163,7 +162,7 @@ pub fn compare(
         });
     let speed = (|| -> Result<Speed> {
         let shape = [64, c, h, w];
-        let x: Vec<f32> = crate::quant::calibrate::noise(&shape, 1, &Device::Cpu)?
+        let x: Vec<f32> = crate::quant::calibrate::noise(&shape, 1, &HOST)?
             .flatten_all()?
             .to_vec1()?;
         let reference_ms = ort_runtime::time_runs(&mut r, &shape, &x, 10)?;

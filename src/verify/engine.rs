@@ -2,9 +2,10 @@
 //! Runtime and tract. Used by `eval` and by the side-by-side `check`.
 
 use anyhow::{Result, ensure};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::{ort_runtime, tract_runtime::TractModel};
+use crate::device::HOST;
 use crate::lower::{Program, lower};
 use crate::onnx::LoadedModel;
 
@@ -46,7 +47,7 @@ impl Engine {
     /// Opens `model` in `kind`. `threads` = 0 leaves each engine's default.
     pub fn open(kind: EngineKind, model: &LoadedModel, threads: usize) -> Result<Self> {
         let inner = match kind {
-            EngineKind::Candle => Inner::Candle(Box::new(lower(model, &Device::Cpu, DType::F32)?)),
+            EngineKind::Candle => Inner::Candle(Box::new(lower(model, &HOST, DType::F32)?)),
             EngineKind::Ort => Inner::Ort(Box::new(ort_runtime::session(&model.path, threads)?)),
             EngineKind::Tract => Inner::Tract(None),
         };
@@ -61,7 +62,7 @@ impl Engine {
     pub fn run(&mut self, shape: &[usize], x: &[f32]) -> Result<(Vec<usize>, Vec<f32>)> {
         let (s, y) = match &mut self.inner {
             Inner::Candle(p) => {
-                let t = Tensor::from_slice(x, shape, &Device::Cpu)?;
+                let t = Tensor::from_slice(x, shape, &HOST)?;
                 let y = p.forward(&t)?.to_dtype(DType::F32)?;
                 (y.dims().to_vec(), y.flatten_all()?.to_vec1::<f32>()?)
             }

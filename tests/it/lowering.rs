@@ -2,14 +2,12 @@
 //! input (f64 finite differences through conv/BN/ReLU/residual/pooling/Gemm), taps that equal the
 //! tensors ORT computes, and `eval`'s data path end to end.
 
-mod common;
-
 use std::process::Command;
 
+use crate::fixtures;
 use candle_core::{DType, Device, Tensor, Var};
 use datafree::lower::lower;
 use datafree::onnx::builder::value_info_any_shape;
-use datafree::onnx::fixtures;
 use datafree::onnx::load_model;
 use datafree::verify::ort_runtime;
 use rand::{Rng, SeedableRng};
@@ -21,7 +19,7 @@ fn noise(n: usize, seed: u64) -> Vec<f64> {
 
 #[test]
 fn whole_teacher_input_gradient_matches_finite_differences() {
-    let path = std::path::PathBuf::from(common::QUICKSTART);
+    let path = std::path::PathBuf::from(crate::common::QUICKSTART);
     let prog = lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F64).unwrap();
     let dims = [2usize, 3, 32, 32];
     let x0 = noise(dims.iter().product(), 3);
@@ -71,7 +69,7 @@ fn taps_equal_the_tensors_ort_computes() {
     for name in ["conv1_out", "conv2_out", "conv3_out", "conv4_out", "flat"] {
         g.output.push(value_info_any_shape(name));
     }
-    let (_dir, path) = common::write_temp(&m, "taps.onnx");
+    let (_dir, path) = crate::common::write_temp(&m, "taps.onnx");
     let prog = lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(
         prog.bn_taps()
@@ -124,7 +122,7 @@ fn real_teachers_match_ort_and_expose_their_bn_taps() {
         ("cifar100_resnet20.onnx", 22, 256),
         ("cifar100_resnet20.bn-folded.onnx", 0, 256),
     ] {
-        let Some(path) = common::shared_teacher(name) else {
+        let Some(path) = crate::common::shared_teacher(name) else {
             return;
         };
         let prog = lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F32).unwrap();
@@ -157,7 +155,7 @@ fn real_teachers_match_ort_and_expose_their_bn_taps() {
 /// through `eval`'s data path (record parsing, planes, preprocessing, batching incl. a partial one).
 #[test]
 fn eval_cli_scores_ort_labelled_data_perfectly_in_every_engine() {
-    let (_mdir, model) = common::write_temp(&fixtures::linear_classifier(11), "linear.onnx");
+    let (_mdir, model) = crate::common::write_temp(&fixtures::linear_classifier(11), "linear.onnx");
     let n = 37;
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let pixels: Vec<u8> = (0..n * 3072).map(|_| r.random()).collect();
@@ -236,7 +234,7 @@ fn eval_rejects_data_with_more_classes_than_the_model() {
     let out = Command::new(env!("CARGO_BIN_EXE_datafree"))
         .args(["eval", "--data"])
         .arg(format!("cifar100:{}", data.display()))
-        .arg(std::path::PathBuf::from(common::QUICKSTART))
+        .arg(std::path::PathBuf::from(crate::common::QUICKSTART))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -251,10 +249,10 @@ fn eval_rejects_data_with_more_classes_than_the_model() {
 fn check_command_passes_on_the_quickstart_teacher() {
     let out = Command::new(env!("CARGO_BIN_EXE_datafree"))
         .args(["check", "--limit", "40", "--batch", "16", "--json"])
-        .arg(std::path::PathBuf::from(common::QUICKSTART))
+        .arg(std::path::PathBuf::from(crate::common::QUICKSTART))
         .output()
         .unwrap();
-    common::assert_success(&out);
+    crate::common::assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pass"], true);
     assert_eq!(v["images"], 40);

@@ -3,9 +3,7 @@
 //! the edge named, and `datafree search` / `compress --method autorecon` on the quick-start
 //! teacher are deterministic, resume bit for bit after a crash, and hand back a student.
 
-mod common;
-
-use common::{QUICKSTART, datafree};
+use crate::common::{QUICKSTART, datafree};
 use std::path::Path;
 
 use candle_core::{D, Device, Tensor, Var};

@@ -2,18 +2,17 @@
 //! semantics against ONNX Runtime (ties, saturation, per-axis), BN folding, `compress` writing a
 //! fused, verified QDQ model, and the `verify` gate passing a good student and failing a broken one.
 
-mod common;
-
-use common::datafree;
+use crate::common::datafree;
 use std::path::Path;
 use std::process::Command;
 
+use crate::fixtures;
 use candle_core::{DType, Device, Tensor};
 use datafree::export::fold_bn;
 use datafree::lower::lower;
 use datafree::onnx::builder::{Dim, ModelBuilder, attr_int, tensor_f32, tensor_raw};
+use datafree::onnx::load_model;
 use datafree::onnx::pb::tensor_proto::DataType;
-use datafree::onnx::{fixtures, load_model};
 use datafree::verify::ort_runtime;
 use prost::Message;
 
@@ -53,7 +52,7 @@ fn quantize_dequantize_match_ort_on_ties_and_saturation() {
     );
     m.node("Add", "add", &["a", "b"], &["y"], vec![]);
     m.output_any_shape("y");
-    let (_dir, path) = common::write_temp(&m.build(), "qdq.onnx");
+    let (_dir, path) = crate::common::write_temp(&m.build(), "qdq.onnx");
     // Ties at x/s = k + 0.5, both signs, and values far outside both containers.
     let x: Vec<f32> = vec![
         0.25, 0.75, 1.25, -0.25, -1.75, 300.0, -300.0, 63.75, 0.125, 0.375, -0.625, 3.0, 5.0, -7.0,
@@ -89,8 +88,8 @@ fn bn_folding_preserves_outputs_and_tensor_names() {
         g.node.iter().any(|n| n.output[0] == "bn2_out"),
         "the conv now writes the BN's output name"
     );
-    let (_d1, a) = common::write_temp(&teacher, "t.onnx");
-    let (_d2, b) = common::write_temp(&folded, "f.onnx");
+    let (_d1, a) = crate::common::write_temp(&teacher, "t.onnx");
+    let (_d2, b) = crate::common::write_temp(&folded, "f.onnx");
     let x: Vec<f32> = (0..2 * 3072)
         .map(|i| ((i * 37 % 101) as f32 / 25.0) - 2.0)
         .collect();
@@ -141,7 +140,7 @@ fn compress_w8a8_fuses_every_conv_and_matches_our_simulation() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w8");
     let r = compress(
-        &std::path::PathBuf::from(common::QUICKSTART),
+        &std::path::PathBuf::from(crate::common::QUICKSTART),
         &out,
         &["--bits", "w8a8", "--method", "ptq-noise"],
     );
@@ -199,7 +198,7 @@ fn compress_w8a8_fuses_every_conv_and_matches_our_simulation() {
 fn compress_refuses_a_non_empty_folder_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keep.txt"), "mine").unwrap();
-    let t = std::path::PathBuf::from(common::QUICKSTART);
+    let t = std::path::PathBuf::from(crate::common::QUICKSTART);
     let o = datafree(&[
         "compress",
         t.to_str().unwrap(),
@@ -306,7 +305,7 @@ fn exported_student_passes_the_onnx_checker() {
         .current_dir(std::env::temp_dir())
         .output();
     if !probe.map(|o| o.status.success()).unwrap_or(false) {
-        common::say(
+        crate::common::say(
             "SKIP: python3 with the `onnx` package is not available; the ONNX checker test did not run",
         );
         return;
@@ -314,7 +313,7 @@ fn exported_student_passes_the_onnx_checker() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w4");
     compress(
-        &std::path::PathBuf::from(common::QUICKSTART),
+        &std::path::PathBuf::from(crate::common::QUICKSTART),
         &out,
         &["--bits", "w4a4"],
     );
@@ -331,7 +330,7 @@ fn exported_student_passes_the_onnx_checker() {
 fn int4_weight_storage_raises_the_opset_and_runs_in_ort() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("i8"), dir.path().join("i4"));
-    let t = std::path::PathBuf::from(common::QUICKSTART);
+    let t = std::path::PathBuf::from(crate::common::QUICKSTART);
     compress(&t, &a, &["--bits", "w4a4"]);
     let r = compress(&t, &b, &["--bits", "w4a4", "--int4-weights"]);
     let m = load_model(&b.join("student.onnx")).unwrap();
@@ -368,7 +367,7 @@ fn int4_weight_storage_raises_the_opset_and_runs_in_ort() {
 #[test]
 fn quickstart_end_to_end_meets_accuracy_floors() {
     let dir = tempfile::tempdir().unwrap();
-    let t = std::path::PathBuf::from(common::QUICKSTART);
+    let t = std::path::PathBuf::from(crate::common::QUICKSTART);
     for (bits, floor) in [("w8a8", 95.0), ("w4a4", 85.0)] {
         let out = dir.path().join(bits);
         let r = compress(
@@ -407,7 +406,7 @@ fn quickstart_end_to_end_meets_accuracy_floors() {
 #[test]
 fn exact_scales_give_bit_identical_logits_in_every_engine() {
     let dir = tempfile::tempdir().unwrap();
-    let t = std::path::PathBuf::from(common::QUICKSTART);
+    let t = std::path::PathBuf::from(crate::common::QUICKSTART);
     for (bits, scales) in [
         ("w8a8", "exact"),
         ("w4a4", "exact"),
@@ -504,7 +503,7 @@ fn an_unsupported_op_is_reported_in_the_teachers_file() {
     m.node("LpNormalization", "norm1", &["c"], &["n"], vec![]);
     m.node("Flatten", "flat", &["n"], &["y"], vec![]);
     m.output("y", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(256)]);
-    let (dir, path) = common::write_temp(&m.build(), "unsupported.onnx");
+    let (dir, path) = crate::common::write_temp(&m.build(), "unsupported.onnx");
     let out = datafree(&[
         "compress",
         path.to_str().unwrap(),

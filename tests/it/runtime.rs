@@ -2,9 +2,7 @@
 //! set by hand (scripts/setup.sh + .cargo/config.toml), runs the quick-start teacher and agrees
 //! with tract; BN folding is exact; the committed files are what the fixture code writes.
 
-mod common;
-
-use datafree::onnx::fixtures::{self, BnVariant, QUICKSTART_SEED};
+use crate::fixtures::{self, BnVariant, QUICKSTART_SEED};
 use datafree::onnx::load_model;
 use datafree::verify::{ort_runtime, tract_runtime::TractModel};
 use prost::Message;
@@ -34,7 +32,7 @@ fn ort_library_loads_and_reports_its_version() {
 
 #[test]
 fn ort_and_tract_agree_on_the_quickstart_teacher() {
-    let path = std::path::PathBuf::from(common::QUICKSTART);
+    let path = std::path::PathBuf::from(crate::common::QUICKSTART);
     let (shape, x) = batch(4);
     let mut s = ort_runtime::session(&path, 1).unwrap();
     let (oshape, ort_out) = ort_runtime::run_f32(&mut s, &shape, &x).unwrap();
@@ -52,8 +50,8 @@ fn ort_and_tract_agree_on_the_quickstart_teacher() {
 
 #[test]
 fn folding_bn_into_conv_does_not_change_the_outputs() {
-    let (_d1, kept) = common::write_temp(&fixtures::quickstart(), "kept.onnx");
-    let (_d2, folded) = common::write_temp(
+    let (_d1, kept) = crate::common::write_temp(&fixtures::quickstart(), "kept.onnx");
+    let (_d2, folded) = crate::common::write_temp(
         &fixtures::resnet_like(BnVariant::Folded, QUICKSTART_SEED),
         "folded.onnx",
     );
@@ -72,7 +70,7 @@ fn folding_bn_into_conv_does_not_change_the_outputs() {
 /// same graph, trained values; its BN-folded twin is exactly `export::fold_bn` of it.
 #[test]
 fn committed_quickstart_models_are_what_the_project_makes() {
-    let teacher = load_model(&std::path::PathBuf::from(common::QUICKSTART)).unwrap();
+    let teacher = load_model(&std::path::PathBuf::from(crate::common::QUICKSTART)).unwrap();
     let arch = fixtures::resnet_like(BnVariant::Kept, QUICKSTART_SEED);
     let (tg, ag) = (teacher.graph(), arch.graph.as_ref().unwrap());
     assert_eq!(tg.node, ag.node, "same nodes as the fixture");
@@ -96,7 +94,8 @@ fn committed_quickstart_models_are_what_the_project_makes() {
     );
     let (folded, n) = datafree::export::fold_bn(&teacher).unwrap();
     assert_eq!(n, 4);
-    let committed = std::fs::read(common::repo().join("onnx/quickstart.bn-folded.onnx")).unwrap();
+    let committed =
+        std::fs::read(crate::common::repo().join("onnx/quickstart.bn-folded.onnx")).unwrap();
     assert!(
         committed == folded.encode_to_vec(),
         "onnx/quickstart.bn-folded.onnx differs from fold_bn(onnx/quickstart.onnx)"

@@ -1,16 +1,14 @@
 //! `inspect` on models the tests build: BN statistics resolved through every route exporters use,
 //! and the verdict for kept, folded, partially folded, pre-activation and unresolvable BN.
 
-mod common;
-
+use crate::fixtures::{self, BnVariant, QUICKSTART_SEED};
 use datafree::onnx::bn::Verdict;
-use datafree::onnx::fixtures::{self, BnVariant, QUICKSTART_SEED};
 use datafree::onnx::inspect::{DimDesc, InspectReport, inspect};
 use datafree::onnx::load_model;
 use datafree::onnx::pb::ModelProto;
 
 fn report(model: &ModelProto) -> InspectReport {
-    let (_dir, path) = common::write_temp(model, "m.onnx");
+    let (_dir, path) = crate::common::write_temp(model, "m.onnx");
     inspect(&load_model(&path).unwrap())
 }
 

@@ -2,9 +2,7 @@
 //! for a seed, a crash after a checkpoint resumes to the same student bit for bit, a BN-folded
 //! teacher is refused with a clear message; the fake quantizers equal the export's arithmetic.
 
-mod common;
-
-use common::{QUICKSTART, assert_success, datafree};
+use crate::common::{QUICKSTART, assert_success, datafree};
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};

@@ -8,8 +8,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use super::builder::{Dim, ModelBuilder, attr_float, attr_int, attr_ints, attr_tensor, tensor_f32};
-use super::pb::{ModelProto, tensor_proto::DataType};
+use datafree::onnx::builder::{
+    Dim, ModelBuilder, attr_float, attr_int, attr_ints, attr_tensor, tensor_f32,
+};
+use datafree::onnx::pb::{ModelProto, tensor_proto::DataType};
 
 /// Seed of the committed quick-start model.
 pub const QUICKSTART_SEED: u64 = 20261121;
@@ -86,7 +88,7 @@ impl ConvBn {
         }
     }
 
-    fn conv_attrs(&self) -> Vec<super::pb::AttributeProto> {
+    fn conv_attrs(&self) -> Vec<datafree::onnx::pb::AttributeProto> {
         vec![
             attr_ints("kernel_shape", &[self.k as i64; 2]),
             attr_ints("pads", &[self.k as i64 / 2; 4]),

@@ -3,15 +3,13 @@
 //! match central finite differences (f64). This is what guards against candle's silent gradient
 //! bugs (max-pool, nearest upsampling, ...).
 
-mod common;
-
 use candle_core::{DType, Device, Tensor, Var};
 use datafree::lower::lower;
 use datafree::onnx::builder::{
     Dim, ModelBuilder, attr_float, attr_int, attr_ints, tensor_f32, tensor_i64,
 };
 use datafree::onnx::pb::{AttributeProto, ModelProto, TensorProto, tensor_proto::DataType};
-use datafree::onnx::{from_bytes_for_tests, load_model};
+use datafree::onnx::{from_bytes, load_model};
 use datafree::verify::ort_runtime;
 use prost::Message;
 use rand::{Rng, SeedableRng};
@@ -97,7 +95,7 @@ fn floats(v: &[f32]) -> Option<TensorProto> {
 
 fn run_case(c: &Case) {
     let model = c.model();
-    let (_dir, path) = common::write_temp(&model, "op.onnx");
+    let (_dir, path) = crate::common::write_temp(&model, "op.onnx");
     let loaded = load_model(&path).unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let n: usize = c.dims.iter().product();
     let x64 = randn(n, 42);
@@ -356,7 +354,7 @@ fn shape_subgraph_split_and_constants_match_ort() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shapes.onnx");
     std::fs::write(&path, &bytes).unwrap();
-    let loaded = from_bytes_for_tests(&path, &bytes);
+    let loaded = from_bytes(&path, &bytes).expect("valid test model");
     let prog = lower(&loaded, &Device::Cpu, DType::F32).unwrap();
     let mut s = ort_runtime::session(&path, 1).unwrap();
     for n in [1usize, 3] {
@@ -381,7 +379,7 @@ fn shape_subgraph_split_and_constants_match_ort() {
 
 /// The error lowering `model` gives (written to bad.onnx), as one line.
 fn lower_error(model: &ModelProto) -> String {
-    let (_dir, path) = common::write_temp(model, "bad.onnx");
+    let (_dir, path) = crate::common::write_temp(model, "bad.onnx");
     format!(
         "{:#}",
         lower(&load_model(&path).unwrap(), &Device::Cpu, DType::F32)

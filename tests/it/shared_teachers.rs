@@ -1,14 +1,12 @@
 //! `inspect` on the real PyTorch-exported teachers in ../shared/teachers (skipped with a printed
 //! reason when that folder is absent).
 
-mod common;
-
 use datafree::onnx::bn::Verdict;
 use datafree::onnx::inspect::{InspectReport, inspect};
 use datafree::onnx::load_model;
 
 fn report(name: &str) -> Option<InspectReport> {
-    let p = common::shared_teacher(name)?;
+    let p = crate::common::shared_teacher(name)?;
     Some(inspect(&load_model(&p).unwrap()))
 }
 

@@ -1,13 +1,11 @@
 //! Bad input to the binary: one line on stderr naming the file and the problem, exit code 2, no
 //! panic or backtrace, for every way a model file can be wrong.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::fixtures;
 use datafree::onnx::builder::write_model;
-use datafree::onnx::fixtures;
 use datafree::onnx::pb::{NodeProto, StringStringEntryProto, tensor_proto::DataLocation};
 use prost::Message;
 
@@ -159,7 +157,7 @@ fn usage_errors_exit_2_and_help_explains() {
 fn json_output_is_one_parseable_document() {
     let out = Command::new(env!("CARGO_BIN_EXE_datafree"))
         .args(["inspect", "--json"])
-        .arg(std::path::PathBuf::from(common::QUICKSTART))
+        .arg(std::path::PathBuf::from(crate::common::QUICKSTART))
         .output()
         .unwrap();
     assert!(out.status.success());
