@@ -29,6 +29,20 @@ impl Ints {
             data: vec![v],
         }
     }
+    /// A view as an n-dimensional array (row-major).
+    pub fn view(&self) -> ndarray::ArrayViewD<'_, i64> {
+        ndarray::ArrayViewD::from_shape(self.dims.as_slice(), &self.data)
+            .expect("dims match data (checked at construction)")
+    }
+    /// From an n-dimensional array, in row-major order whatever its layout.
+    pub fn from_array(a: ndarray::ArrayD<i64>) -> Self {
+        let dims = a.shape().to_vec();
+        let data = match a.as_slice() {
+            Some(s) => s.to_vec(),
+            None => a.iter().copied().collect(),
+        };
+        Self { dims, data }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -426,3 +426,28 @@ fn bad_attribute_is_an_error_naming_node_and_op() {
         "{e}"
     );
 }
+
+#[test]
+fn an_attribute_of_the_wrong_declared_type_is_an_error_naming_it() {
+    let mut m = ModelBuilder::new("bad", 17);
+    m.input(
+        "x",
+        DataType::Float,
+        &[Dim::Fixed(1), Dim::Fixed(2), Dim::Fixed(4), Dim::Fixed(4)],
+    );
+    // `group` declared FLOAT: taking its (absent) int would silently read 0.
+    let group = AttributeProto {
+        name: "group".into(),
+        r#type: datafree::onnx::pb::attribute_proto::AttributeType::Float as i32,
+        f: 2.0,
+        ..Default::default()
+    };
+    m.initializer(weights(&[2, 1, 3, 3], 1));
+    m.node("Conv", "conv1", &["x", "w"], &["y"], vec![group]);
+    m.output_any_shape("y");
+    let e = lower_error(&m.build());
+    assert!(
+        e.contains("node 'conv1' (Conv)") && e.contains("attribute 'group' is FLOAT, expected INT"),
+        "{e}"
+    );
+}

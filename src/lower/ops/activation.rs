@@ -12,13 +12,13 @@ use crate::lower::value::{RunCtx, Value};
 pub fn register(reg: &mut HashMap<&'static str, Builder>) {
     reg.insert("Relu", |_| Ok(Box::new(Unary(Kind::Relu))));
     reg.insert("LeakyRelu", |n| {
-        Ok(Box::new(Unary(Kind::Leaky(n.float("alpha", 0.01) as f64))))
+        Ok(Box::new(Unary(Kind::Leaky(n.float("alpha", 0.01)? as f64))))
     });
     reg.insert("Sigmoid", |_| Ok(Box::new(Unary(Kind::Sigmoid))));
     reg.insert("HardSigmoid", |n| {
         Ok(Box::new(Unary(Kind::HardSigmoid(
-            n.float("alpha", 0.2) as f64,
-            n.float("beta", 0.5) as f64,
+            n.float("alpha", 0.2)? as f64,
+            n.float("beta", 0.5)? as f64,
         ))))
     });
     reg.insert("HardSwish", |_| Ok(Box::new(Unary(Kind::HardSwish))));
@@ -83,8 +83,8 @@ fn clip(n: &NodeCtx) -> Result<Box<dyn Op>> {
     // Before opset 11 the bounds are attributes; from 11 they are optional inputs.
     let (min, max) = if n.opset < 11 {
         (
-            Some(n.float("min", f32::MIN) as f64),
-            Some(n.float("max", f32::MAX) as f64),
+            Some(n.float("min", f32::MIN)? as f64),
+            Some(n.float("max", f32::MAX)? as f64),
         )
     } else {
         (None, None)

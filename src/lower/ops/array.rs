@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::Tensor;
+use ndarray::Axis;
 
 use super::math::{broadcast_dims, full, ints_broadcast};
 use super::{Builder, NodeCtx, Op, axis, input, opt, opt_ints};
@@ -24,40 +25,44 @@ pub fn register(reg: &mut HashMap<&'static str, Builder>) {
     reg.insert("Constant", constant);
     reg.insert("Shape", |n| {
         Ok(Box::new(Shape {
-            start: n.int("start", 0),
-            end: n.ints("end").map(|_| n.int("end", 0)),
+            start: n.int("start", 0)?,
+            end: if n.has("end") {
+                Some(n.int("end", 0)?)
+            } else {
+                None
+            },
         }))
     });
     reg.insert("ConstantOfShape", constant_of_shape);
     reg.insert("Reshape", |n| {
         Ok(Box::new(Reshape {
-            allowzero: n.int("allowzero", 0) != 0,
+            allowzero: n.int("allowzero", 0)? != 0,
         }))
     });
     reg.insert("Flatten", |n| {
         Ok(Box::new(Flatten {
-            axis: n.int("axis", 1),
+            axis: n.int("axis", 1)?,
         }))
     });
     reg.insert("Transpose", |n| {
         Ok(Box::new(Transpose {
-            perm: n.ints("perm"),
+            perm: n.ints("perm")?,
         }))
     });
     reg.insert("Squeeze", |n| {
         Ok(Box::new(Squeeze {
-            axes: n.ints("axes"),
+            axes: n.ints("axes")?,
         }))
     });
     reg.insert("Unsqueeze", |n| {
         Ok(Box::new(Unsqueeze {
-            axes: n.ints("axes"),
+            axes: n.ints("axes")?,
         }))
     });
     reg.insert("Concat", |n| {
         ensure!(n.has("axis"), "attribute axis is required");
         Ok(Box::new(Concat {
-            axis: n.int("axis", 0),
+            axis: n.int("axis", 0)?,
         }))
     });
     reg.insert("Split", split);
@@ -65,7 +70,7 @@ pub fn register(reg: &mut HashMap<&'static str, Builder>) {
     reg.insert("Pad", pad);
     reg.insert("Gather", |n| {
         Ok(Box::new(Gather {
-            axis: n.int("axis", 0),
+            axis: n.int("axis", 0)?,
         }))
     });
     reg.insert("Expand", |_| Ok(Box::new(Expand)));
@@ -75,69 +80,23 @@ pub fn register(reg: &mut HashMap<&'static str, Builder>) {
 
 /// Selects `idx` along `axis` of host integers.
 fn ints_select(x: &Ints, ax: usize, idx: &[usize]) -> Ints {
-    let outer: usize = x.dims[..ax].iter().product();
-    let inner: usize = x.dims[ax + 1..].iter().product();
-    let n = x.dims[ax];
-    let mut data = Vec::with_capacity(outer * idx.len() * inner);
-    for o in 0..outer {
-        for &i in idx {
-            let start = (o * n + i) * inner;
-            data.extend_from_slice(&x.data[start..start + inner]);
-        }
-    }
-    let mut dims = x.dims.clone();
-    dims[ax] = idx.len();
-    Ints::new(dims, data)
+    Ints::from_array(x.view().select(Axis(ax), idx))
 }
 
 fn ints_concat(parts: &[Ints], ax: usize) -> Result<Ints> {
     let first = &parts[0];
-    let outer: usize = first.dims[..ax].iter().product();
-    let mut dims = first.dims.clone();
-    dims[ax] = 0;
     for p in parts {
         ensure!(
             p.dims.len() == first.dims.len(),
             "concatenated ranks differ"
         );
-        dims[ax] += p.dims[ax];
     }
-    let mut data = Vec::new();
-    for o in 0..outer {
-        for p in parts {
-            let block: usize = p.dims[ax..].iter().product();
-            data.extend_from_slice(&p.data[o * block..(o + 1) * block]);
-        }
-    }
-    Ok(Ints::new(dims, data))
+    let views: Vec<_> = parts.iter().map(Ints::view).collect();
+    Ok(Ints::from_array(ndarray::concatenate(Axis(ax), &views)?))
 }
 
 fn ints_transpose(x: &Ints, perm: &[usize]) -> Ints {
-    let dims: Vec<usize> = perm.iter().map(|&p| x.dims[p]).collect();
-    let mut strides = vec![1usize; x.dims.len()];
-    for i in (0..x.dims.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * x.dims[i + 1];
-    }
-    let n = x.data.len();
-    let mut idx = vec![0usize; dims.len()];
-    let mut data = Vec::with_capacity(n);
-    for _ in 0..n {
-        data.push(
-            x.data[idx
-                .iter()
-                .zip(perm)
-                .map(|(&i, &p)| i * strides[p])
-                .sum::<usize>()],
-        );
-        for k in (0..dims.len()).rev() {
-            idx[k] += 1;
-            if idx[k] < dims[k] {
-                break;
-            }
-            idx[k] = 0;
-        }
-    }
-    Ints::new(dims, data)
+    Ints::from_array(x.view().permuted_axes(perm).to_owned())
 }
 
 /// Selects `idx` along `axis` of either kind of value.
@@ -235,7 +194,7 @@ impl Op for Shape {
 struct ConstantOfShape(Value);
 
 fn constant_of_shape(n: &NodeCtx) -> Result<Box<dyn Op>> {
-    let v = match n.tensor("value") {
+    let v = match n.tensor("value")? {
         Some(t) => tensor_value(t, n.ctx)?,
         None => Value::F(Tensor::zeros(1, n.ctx.dtype, &n.ctx.device)?),
     };
@@ -442,13 +401,13 @@ struct Split {
 
 fn split(n: &NodeCtx) -> Result<Box<dyn Op>> {
     let outputs = if n.has("num_outputs") {
-        n.int("num_outputs", 0) as usize
+        n.int("num_outputs", 0)? as usize
     } else {
         n.node.output.len()
     };
     Ok(Box::new(Split {
-        axis: n.int("axis", 0),
-        split: n.ints("split"),
+        axis: n.int("axis", 0)?,
+        split: n.ints("split")?,
         outputs,
     }))
 }
@@ -522,12 +481,12 @@ struct Slice {
 
 fn slice(n: &NodeCtx) -> Result<Box<dyn Op>> {
     let attrs = if n.opset < 10 {
-        let starts = n.ints("starts").context("attribute starts is required")?;
-        let ends = n.ints("ends").context("attribute ends is required")?;
+        let starts = n.ints("starts")?.context("attribute starts is required")?;
+        let ends = n.ints("ends")?.context("attribute ends is required")?;
         Some(SliceAttrs {
             starts,
             ends,
-            axes: n.ints("axes"),
+            axes: n.ints("axes")?,
         })
     } else {
         None
@@ -577,15 +536,15 @@ struct Pad {
 }
 
 fn pad(n: &NodeCtx) -> Result<Box<dyn Op>> {
-    let mode = n.string("mode", "constant");
+    let mode = n.string("mode", "constant")?;
     ensure!(
         matches!(mode.as_str(), "constant" | "reflect" | "edge"),
         "pad mode '{mode}' is not supported (constant, reflect, edge)"
     );
     let attrs = if n.opset < 11 {
         Some((
-            n.ints("pads").context("attribute pads is required")?,
-            n.float("value", 0.0),
+            n.ints("pads")?.context("attribute pads is required")?,
+            n.float("value", 0.0)?,
         ))
     } else {
         None

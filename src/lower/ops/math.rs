@@ -120,9 +120,9 @@ struct ReduceMean {
 
 fn reduce_mean(n: &NodeCtx) -> Result<Box<dyn Op>> {
     Ok(Box::new(ReduceMean {
-        axes: n.ints("axes"),
-        keepdims: n.int("keepdims", 1) != 0,
-        noop_with_empty_axes: n.int("noop_with_empty_axes", 0) != 0,
+        axes: n.ints("axes")?,
+        keepdims: n.int("keepdims", 1)? != 0,
+        noop_with_empty_axes: n.int("noop_with_empty_axes", 0)? != 0,
     }))
 }
 
@@ -164,7 +164,7 @@ struct Cast {
 }
 
 fn cast(n: &NodeCtx) -> Result<Box<dyn Op>> {
-    let to = n.int("to", 0) as i32;
+    let to = n.int("to", 0)? as i32;
     let to_float = match DataType::try_from(to) {
         Ok(DataType::Float | DataType::Double | DataType::Float16 | DataType::Bfloat16) => true,
         Ok(

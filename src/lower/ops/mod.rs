@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use super::value::{RunCtx, Value};
 use crate::onnx::pb::NodeProto;
+use crate::onnx::pb::attribute_proto::AttributeType;
 
 pub mod activation;
 pub mod array;
@@ -53,28 +54,60 @@ impl NodeCtx<'_> {
     fn attr(&self, name: &str) -> Option<&crate::onnx::pb::AttributeProto> {
         crate::onnx::graph::attr(self.node, name)
     }
+    /// The attribute `name` when present, refused when its declared type is not `want` (an
+    /// undeclared type, as some exporters write, is taken at its word).
+    fn typed(
+        &self,
+        name: &str,
+        want: AttributeType,
+    ) -> Result<Option<&crate::onnx::pb::AttributeProto>> {
+        let Some(a) = self.attr(name) else {
+            return Ok(None);
+        };
+        if a.r#type != AttributeType::Undefined as i32 && a.r#type != want as i32 {
+            let got = AttributeType::try_from(a.r#type)
+                .map_or_else(|_| format!("type {}", a.r#type), |t| t.as_str_name().into());
+            bail!(
+                "attribute '{name}' is {got}, expected {}",
+                want.as_str_name()
+            );
+        }
+        Ok(Some(a))
+    }
     pub fn has(&self, name: &str) -> bool {
         self.attr(name).is_some()
     }
-    pub fn int(&self, name: &str, default: i64) -> i64 {
-        self.attr(name).map_or(default, |a| a.i)
+    pub fn int(&self, name: &str, default: i64) -> Result<i64> {
+        Ok(self
+            .typed(name, AttributeType::Int)?
+            .map_or(default, |a| a.i))
     }
-    pub fn float(&self, name: &str, default: f32) -> f32 {
-        self.attr(name).map_or(default, |a| a.f)
+    pub fn float(&self, name: &str, default: f32) -> Result<f32> {
+        Ok(self
+            .typed(name, AttributeType::Float)?
+            .map_or(default, |a| a.f))
     }
-    pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
-        self.attr(name).map(|a| a.ints.clone())
+    pub fn ints(&self, name: &str) -> Result<Option<Vec<i64>>> {
+        Ok(self
+            .typed(name, AttributeType::Ints)?
+            .map(|a| a.ints.clone()))
     }
-    pub fn floats(&self, name: &str) -> Option<Vec<f32>> {
-        self.attr(name).map(|a| a.floats.clone())
+    pub fn floats(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        Ok(self
+            .typed(name, AttributeType::Floats)?
+            .map(|a| a.floats.clone()))
     }
-    pub fn string(&self, name: &str, default: &str) -> String {
-        self.attr(name).map_or(default.to_string(), |a| {
-            String::from_utf8_lossy(&a.s).into_owned()
-        })
+    pub fn string(&self, name: &str, default: &str) -> Result<String> {
+        Ok(self
+            .typed(name, AttributeType::String)?
+            .map_or(default.to_string(), |a| {
+                String::from_utf8_lossy(&a.s).into_owned()
+            }))
     }
-    pub fn tensor(&self, name: &str) -> Option<&crate::onnx::pb::TensorProto> {
-        self.attr(name).and_then(|a| a.t.as_ref())
+    pub fn tensor(&self, name: &str) -> Result<Option<&crate::onnx::pb::TensorProto>> {
+        Ok(self
+            .typed(name, AttributeType::Tensor)?
+            .and_then(|a| a.t.as_ref()))
     }
     /// The ONNX element type of input `i`, when it is a constant.
     pub fn input_type(&self, i: usize) -> Option<i32> {

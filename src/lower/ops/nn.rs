@@ -56,9 +56,9 @@ fn positive(v: Vec<i64>, what: &str) -> Result<Vec<usize>> {
 
 impl Window {
     fn parse(n: &NodeCtx, default_kernel: bool) -> Result<Self> {
-        let auto_pad = AutoPad::parse(&n.string("auto_pad", "NOTSET"))?;
+        let auto_pad = AutoPad::parse(&n.string("auto_pad", "NOTSET")?)?;
         let kernel = n
-            .ints("kernel_shape")
+            .ints("kernel_shape")?
             .map(|k| positive(k, "kernel_shape"))
             .transpose()?;
         ensure!(
@@ -66,9 +66,9 @@ impl Window {
             "attribute kernel_shape is required"
         );
         let rank = kernel.as_ref().map(Vec::len);
-        let strides = positive(n.ints("strides").unwrap_or_default(), "strides")?;
-        let dilations = positive(n.ints("dilations").unwrap_or_default(), "dilations")?;
-        let pads = positive(n.ints("pads").unwrap_or_default(), "pads")?;
+        let strides = positive(n.ints("strides")?.unwrap_or_default(), "strides")?;
+        let dilations = positive(n.ints("dilations")?.unwrap_or_default(), "dilations")?;
+        let pads = positive(n.ints("pads")?.unwrap_or_default(), "pads")?;
         if let Some(r) = rank {
             ensure!(
                 (1..=2).contains(&r),
@@ -190,7 +190,7 @@ struct Conv {
 }
 
 fn conv(n: &NodeCtx) -> Result<Box<dyn Op>> {
-    let groups = n.int("group", 1);
+    let groups = n.int("group", 1)?;
     ensure!(groups >= 1, "group must be >= 1, got {groups}");
     Ok(Box::new(Conv {
         w: Window::parse(n, true)?,
@@ -260,17 +260,17 @@ struct ConvTranspose {
 }
 
 fn conv_transpose(n: &NodeCtx) -> Result<Box<dyn Op>> {
-    let groups = n.int("group", 1);
+    let groups = n.int("group", 1)?;
     ensure!(groups >= 1, "group must be >= 1, got {groups}");
     Ok(Box::new(ConvTranspose {
         w: Window::parse(n, true)?,
         groups: groups as usize,
         output_padding: positive(
-            n.ints("output_padding").unwrap_or_default(),
+            n.ints("output_padding")?.unwrap_or_default(),
             "output_padding",
         )?,
         output_shape: n
-            .ints("output_shape")
+            .ints("output_shape")?
             .map(|v| positive(v, "output_shape"))
             .transpose()?,
     }))
@@ -364,11 +364,11 @@ struct BatchNorm {
 
 fn batch_norm(n: &NodeCtx) -> Result<Box<dyn Op>> {
     ensure!(
-        n.int("training_mode", 0) == 0 && n.used_outputs() <= 1,
+        n.int("training_mode", 0)? == 0 && n.used_outputs() <= 1,
         "training-mode BatchNormalization (running-stat outputs) is not supported; export the model in eval mode"
     );
     Ok(Box::new(BatchNorm {
-        eps: n.float("epsilon", 1e-5) as f64,
+        eps: n.float("epsilon", 1e-5)? as f64,
     }))
 }
 
@@ -430,8 +430,8 @@ fn pool(n: &NodeCtx, max: bool) -> Result<Box<dyn Op>> {
     Ok(Box::new(Pool {
         w,
         max,
-        ceil_mode: n.int("ceil_mode", 0) != 0,
-        count_include_pad: !max && n.int("count_include_pad", 0) != 0,
+        ceil_mode: n.int("ceil_mode", 0)? != 0,
+        count_include_pad: !max && n.int("count_include_pad", 0)? != 0,
     }))
 }
 
@@ -567,10 +567,10 @@ struct Gemm {
 
 fn gemm(n: &NodeCtx) -> Result<Box<dyn Op>> {
     Ok(Box::new(Gemm {
-        alpha: n.float("alpha", 1.0) as f64,
-        beta: n.float("beta", 1.0) as f64,
-        trans_a: n.int("transA", 0) != 0,
-        trans_b: n.int("transB", 0) != 0,
+        alpha: n.float("alpha", 1.0)? as f64,
+        beta: n.float("beta", 1.0)? as f64,
+        trans_a: n.int("transA", 0)? != 0,
+        trans_b: n.int("transB", 0)? != 0,
     }))
 }
 
@@ -641,7 +641,7 @@ struct Softmax {
 fn softmax(n: &NodeCtx, log: bool) -> Result<Box<dyn Op>> {
     let new = n.opset >= 13;
     Ok(Box::new(Softmax {
-        axis: n.int("axis", if new { -1 } else { 1 }),
+        axis: n.int("axis", if new { -1 } else { 1 })?,
         log,
         coerce_2d: !new,
     }))
@@ -674,8 +674,8 @@ impl Op for Softmax {
 
 struct Resize {
     linear: bool,
-    coord: String,
-    nearest_mode: String,
+    coord: CoordTransform,
+    nearest_mode: NearestMode,
     /// Upsample (opset 7) keeps its scales in an attribute.
     attr_scales: Option<Vec<f32>>,
     /// Index of the scales / sizes inputs (Resize 11+: 2 and 3; Resize 10 / Upsample 9: 1, none).
@@ -685,31 +685,20 @@ struct Resize {
 
 fn resize(n: &NodeCtx) -> Result<Box<dyn Op>> {
     let is_upsample = n.node.op_type == "Upsample";
-    let mode = n.string("mode", "nearest");
+    let mode = n.string("mode", "nearest")?;
     let linear = match mode.as_str() {
         "nearest" => false,
         "linear" | "bilinear" => true,
         other => bail!("mode '{other}' is not supported (nearest, linear)"),
     };
-    ensure!(n.int("antialias", 0) == 0, "antialias is not supported");
+    ensure!(n.int("antialias", 0)? == 0, "antialias is not supported");
     ensure!(!n.has("axes"), "the axes attribute is not supported");
     let old = is_upsample || n.opset < 11;
-    let coord = n.string(
+    let coord = CoordTransform::parse(&n.string(
         "coordinate_transformation_mode",
         if old { "asymmetric" } else { "half_pixel" },
-    );
-    ensure!(
-        matches!(
-            coord.as_str(),
-            "half_pixel"
-                | "pytorch_half_pixel"
-                | "align_corners"
-                | "asymmetric"
-                | "tf_half_pixel_for_nn"
-        ),
-        "coordinate_transformation_mode '{coord}' is not supported"
-    );
-    let policy = n.string("keep_aspect_ratio_policy", "stretch");
+    )?)?;
+    let policy = n.string("keep_aspect_ratio_policy", "stretch")?;
     ensure!(
         policy == "stretch",
         "keep_aspect_ratio_policy '{policy}' is not supported"
@@ -718,54 +707,98 @@ fn resize(n: &NodeCtx) -> Result<Box<dyn Op>> {
         linear,
         coord,
         // Before opset 11 nearest resizing floored (asymmetric + floor).
-        nearest_mode: n.string(
+        nearest_mode: NearestMode::parse(&n.string(
             "nearest_mode",
             if old { "floor" } else { "round_prefer_floor" },
-        ),
-        attr_scales: n.floats("scales"),
+        )?)?,
+        attr_scales: n.floats("scales")?,
         scales_input: if old { 1 } else { 2 },
         sizes_input: if old { None } else { Some(3) },
     }))
+}
+
+/// Resize's `coordinate_transformation_mode`: how an output index maps to the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CoordTransform {
+    HalfPixel,
+    PytorchHalfPixel,
+    AlignCorners,
+    Asymmetric,
+    TfHalfPixelForNn,
+}
+
+impl CoordTransform {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "half_pixel" => Self::HalfPixel,
+            "pytorch_half_pixel" => Self::PytorchHalfPixel,
+            "align_corners" => Self::AlignCorners,
+            "asymmetric" => Self::Asymmetric,
+            "tf_half_pixel_for_nn" => Self::TfHalfPixelForNn,
+            other => bail!("coordinate_transformation_mode '{other}' is not supported"),
+        })
+    }
+}
+
+/// Resize's `nearest_mode`: how a fractional source index rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NearestMode {
+    RoundPreferFloor,
+    RoundPreferCeil,
+    Floor,
+    Ceil,
+}
+
+impl NearestMode {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "round_prefer_floor" => Self::RoundPreferFloor,
+            "round_prefer_ceil" => Self::RoundPreferCeil,
+            "floor" => Self::Floor,
+            "ceil" => Self::Ceil,
+            other => bail!("nearest_mode '{other}' is not supported"),
+        })
+    }
 }
 
 impl Resize {
     /// Source coordinate of output index `o` along an axis of `len` -> `out` with `scale`.
     fn source(&self, o: usize, len: usize, out: usize, scale: f64) -> f64 {
         let o = o as f64;
-        match self.coord.as_str() {
-            "half_pixel" => (o + 0.5) / scale - 0.5,
-            "pytorch_half_pixel" => {
+        match self.coord {
+            CoordTransform::HalfPixel => (o + 0.5) / scale - 0.5,
+            CoordTransform::PytorchHalfPixel => {
                 if out > 1 {
                     (o + 0.5) / scale - 0.5
                 } else {
                     0.0
                 }
             }
-            "align_corners" => {
+            CoordTransform::AlignCorners => {
                 if out == 1 {
                     0.0
                 } else {
                     o * (len as f64 - 1.0) / (out as f64 - 1.0)
                 }
             }
-            "tf_half_pixel_for_nn" => (o + 0.5) / scale,
-            _ => o / scale,
+            CoordTransform::TfHalfPixelForNn => (o + 0.5) / scale,
+            CoordTransform::Asymmetric => o / scale,
         }
     }
 
     fn nearest(&self, x: f64) -> f64 {
         let frac = x - x.floor();
-        match self.nearest_mode.as_str() {
-            "floor" => x.floor(),
-            "ceil" => x.ceil(),
-            "round_prefer_ceil" => {
+        match self.nearest_mode {
+            NearestMode::Floor => x.floor(),
+            NearestMode::Ceil => x.ceil(),
+            NearestMode::RoundPreferCeil => {
                 if frac == 0.5 {
                     x.ceil()
                 } else {
                     x.round()
                 }
             }
-            _ => {
+            NearestMode::RoundPreferFloor => {
                 if frac == 0.5 {
                     x.floor()
                 } else {

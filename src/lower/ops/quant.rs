@@ -15,11 +15,11 @@ pub fn register(reg: &mut HashMap<&'static str, Builder>) {
     reg.insert("QuantizeLinear", quantize);
     reg.insert("DequantizeLinear", |n| {
         ensure!(
-            n.int("block_size", 0) == 0,
+            n.int("block_size", 0)? == 0,
             "blocked quantization (block_size) is not supported"
         );
         Ok(Box::new(Dequantize {
-            axis: n.int("axis", 1),
+            axis: n.int("axis", 1)?,
         }))
     });
 }
@@ -66,7 +66,7 @@ struct Quantize {
 
 fn quantize(n: &NodeCtx) -> Result<Box<dyn Op>> {
     ensure!(
-        n.int("block_size", 0) == 0,
+        n.int("block_size", 0)? == 0,
         "blocked quantization (block_size) is not supported"
     );
     // The output type is the zero point's; without a zero point it is uint8.
@@ -80,7 +80,7 @@ fn quantize(n: &NodeCtx) -> Result<Box<dyn Op>> {
         None => DataType::Uint8,
     };
     Ok(Box::new(Quantize {
-        axis: n.int("axis", 1),
+        axis: n.int("axis", 1)?,
         range: container_range(t)?,
     }))
 }
