@@ -4,6 +4,7 @@
 
 pub mod autorecon;
 pub mod gdfq;
+pub mod genotype;
 pub mod params;
 
 pub use autorecon::{AutoReconConfig, AutoReconGenerator, Genotype};

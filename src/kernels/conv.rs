@@ -2,8 +2,9 @@
 //! depthwise. Forward, input gradient and weight gradient are separate ops so that backward
 //! computes only what tracks.
 
+use super::depthwise::{depthwise_forward, depthwise_input_grad, depthwise_weight_grad};
 use super::gemm::{Mat, matmul};
-use super::{Elem, dispatch, enabled, err, sum8, view};
+use super::{Elem, dispatch, enabled, err, view};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -83,23 +84,23 @@ impl Conv2dSpec {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Geom {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     /// Input and output channels per group.
-    cg: usize,
-    og: usize,
+    pub(super) cg: usize,
+    pub(super) og: usize,
     /// Reduction length (cg * kh * kw) and output positions (oh * ow).
-    k: usize,
-    p: usize,
-    hw: usize,
+    pub(super) k: usize,
+    pub(super) p: usize,
+    pub(super) hw: usize,
 }
 
 /// Output positions `lo..hi` whose input index `o * stride + off` lies in `0..len`.
@@ -116,14 +117,14 @@ fn span(off: isize, stride: usize, len: usize, out: usize) -> (usize, usize) {
 }
 
 /// One kernel tap's row/column offsets and valid output ranges.
-struct Tap {
-    offy: isize,
-    offx: isize,
-    ys: (usize, usize),
-    xs: (usize, usize),
+pub(super) struct Tap {
+    pub(super) offy: isize,
+    pub(super) offx: isize,
+    pub(super) ys: (usize, usize),
+    pub(super) xs: (usize, usize),
 }
 
-fn taps(s: &Conv2dSpec, g: &Geom) -> Vec<Tap> {
+pub(super) fn taps(s: &Conv2dSpec, g: &Geom) -> Vec<Tap> {
     let mut v = Vec::with_capacity(g.kh * g.kw);
     for i in 0..g.kh {
         let offy = (i * s.dilation[0]) as isize - s.pad[0] as isize;
@@ -357,103 +358,6 @@ fn sum_in_order<T: Elem>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {
 }
 
 // ------------------------------------------------------------------ depthwise (cg == 1)
-
-/// `dst[..] += wv * src[..]` for one output row of one tap (stride-1 columns vectorise).
-#[inline]
-fn axpy_row<T: Elem>(dst: &mut [T], src: &[T], wv: T, tap: &Tap, sw: usize) {
-    let (xlo, xhi) = tap.xs;
-    if sw == 1 {
-        let s0 = (xlo as isize + tap.offx) as usize;
-        for (d, &v) in dst[xlo..xhi].iter_mut().zip(&src[s0..s0 + (xhi - xlo)]) {
-            *d += wv * v;
-        }
-    } else {
-        for (ox, d) in dst.iter_mut().enumerate().take(xhi).skip(xlo) {
-            *d += wv * src[((ox * sw) as isize + tap.offx) as usize];
-        }
-    }
-}
-
-fn depthwise_forward<T: Elem>(x: &[T], w: &[T], s: &Conv2dSpec, g: &Geom, y: &mut [T]) {
-    let taps = taps(s, g);
-    let kk = g.kh * g.kw;
-    y.par_chunks_mut(g.p).enumerate().for_each(|(idx, yp)| {
-        let (n, oc) = (idx / g.o, idx % g.o);
-        let xp = &x[(n * g.c + oc / g.og) * g.hw..][..g.hw];
-        for (tap, &wv) in taps.iter().zip(&w[oc * kk..][..kk]) {
-            for oy in tap.ys.0..tap.ys.1 {
-                let iy = ((oy * s.stride[0]) as isize + tap.offy) as usize;
-                axpy_row(
-                    &mut yp[oy * g.ow..][..g.ow],
-                    &xp[iy * g.w..][..g.w],
-                    wv,
-                    tap,
-                    s.stride[1],
-                );
-            }
-        }
-    });
-}
-
-fn depthwise_input_grad<T: Elem>(gy: &[T], w: &[T], s: &Conv2dSpec, g: &Geom, gx: &mut [T]) {
-    let taps = taps(s, g);
-    let kk = g.kh * g.kw;
-    let sw = s.stride[1];
-    gx.par_chunks_mut(g.hw).enumerate().for_each(|(idx, gxp)| {
-        let (n, c) = (idx / g.c, idx % g.c);
-        for oc in c * g.og..(c + 1) * g.og {
-            let gp = &gy[(n * g.o + oc) * g.p..][..g.p];
-            for (tap, &wv) in taps.iter().zip(&w[oc * kk..][..kk]) {
-                let (xlo, xhi) = tap.xs;
-                for oy in tap.ys.0..tap.ys.1 {
-                    let iy = ((oy * s.stride[0]) as isize + tap.offy) as usize;
-                    let src = &gp[oy * g.ow..][..g.ow];
-                    let dst = &mut gxp[iy * g.w..][..g.w];
-                    if sw == 1 {
-                        let s0 = (xlo as isize + tap.offx) as usize;
-                        for (d, &v) in dst[s0..s0 + (xhi - xlo)].iter_mut().zip(&src[xlo..xhi]) {
-                            *d += wv * v;
-                        }
-                    } else {
-                        for (ox, &v) in src.iter().enumerate().take(xhi).skip(xlo) {
-                            dst[((ox * sw) as isize + tap.offx) as usize] += wv * v;
-                        }
-                    }
-                }
-            }
-        }
-    });
-}
-
-fn depthwise_weight_grad<T: Elem>(x: &[T], gy: &[T], s: &Conv2dSpec, g: &Geom) -> Vec<T> {
-    let taps = taps(s, g);
-    let kk = g.kh * g.kw;
-    let sw = s.stride[1];
-    let mut gw = vec![T::ZERO; g.o * kk];
-    gw.par_chunks_mut(kk).enumerate().for_each(|(oc, gwk)| {
-        for n in 0..g.n {
-            let xp = &x[(n * g.c + oc / g.og) * g.hw..][..g.hw];
-            let gp = &gy[(n * g.o + oc) * g.p..][..g.p];
-            for (tap, acc) in taps.iter().zip(gwk.iter_mut()) {
-                let (xlo, xhi) = tap.xs;
-                for oy in tap.ys.0..tap.ys.1 {
-                    let iy = ((oy * s.stride[0]) as isize + tap.offy) as usize;
-                    let grow = &gp[oy * g.ow..][..g.ow];
-                    let xrow = &xp[iy * g.w..][..g.w];
-                    if sw == 1 {
-                        let s0 = (xlo as isize + tap.offx) as usize;
-                        *acc += sum8(&grow[xlo..xhi], Some(&xrow[s0..s0 + (xhi - xlo)]));
-                    } else {
-                        for (ox, &v) in grow.iter().enumerate().take(xhi).skip(xlo) {
-                            *acc += v * xrow[((ox * sw) as isize + tap.offx) as usize];
-                        }
-                    }
-                }
-            }
-        }
-    });
-    gw
-}
 
 // ------------------------------------------------------------------ candle ops
 

@@ -11,6 +11,7 @@
 pub mod activation;
 pub mod channel;
 pub mod conv;
+mod depthwise;
 mod gemm;
 pub mod pool;
 pub mod upsample;

@@ -4,6 +4,7 @@
 //! re-deriving these from the file.
 
 pub mod domain;
+mod infer;
 
 use std::path::Path;
 

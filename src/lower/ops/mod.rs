@@ -14,9 +14,13 @@ use crate::onnx::pb::attribute_proto::AttributeType;
 
 pub mod activation;
 pub mod array;
+mod conv;
 pub mod math;
 pub mod nn;
 pub mod quant;
+mod resize;
+mod shape;
+mod window;
 
 /// A lowered node, ready to run.
 pub trait Op: Send + Sync {
@@ -45,6 +49,7 @@ pub fn registry() -> &'static HashMap<&'static str, Builder> {
         activation::register(&mut reg);
         math::register(&mut reg);
         array::register(&mut reg);
+        shape::register(&mut reg);
         quant::register(&mut reg);
         reg
     })

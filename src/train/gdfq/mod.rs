@@ -1,0 +1,306 @@
+//! GDFQ (Xu et al. 2020) as a training step: a class-conditional generator learns images whose
+//! teacher BN statistics and predictions match (CE + 0.1 BNS); after a warm-up in which the
+//! student only observes activation ranges (EMA of batch min/max, then frozen), the
+//! fake-quantized student is fine-tuned by distillation (KL at temperature T, times T^2, + CE
+//! with the sampled labels).
+//!
+//! The step's state (generator, student, optimiser moments, RNG position, ranges) goes into the
+//! engine's checkpoints ([`super::engine`]), so resuming continues bit-for-bit on the CPU; the
+//! engine writes metrics.jsonl and curves.png, the step sample grids.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, ensure};
+use candle_core::{D, DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+mod config;
+mod step;
+
+pub use config::{Config, GeneratorFamily, Preset, RangeSource};
+use step::{Run, clamp_var};
+
+use super::engine::{self, LogLine};
+use super::optim::{Adam, Sgd};
+use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator};
+use crate::lower::Program;
+use crate::quant::fake::fake_quant_weight;
+use crate::quant::placement::Plan;
+use crate::quant::{Scales, WeightClip, WeightScheme};
+
+/// One line of the metrics log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metrics {
+    pub iter: usize,
+    pub epoch: usize,
+    pub generator_ce: f64,
+    pub bns: f64,
+    pub student_kd: Option<f64>,
+    pub student_ce: Option<f64>,
+    /// The feature-distillation loss (before its weight), when `feature_weight` > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_feature: Option<f64>,
+    pub student_lr: f64,
+    /// Top-1 of the fake-quantized student on the measuring data, when evaluated.
+    pub eval_top1: Option<f64>,
+    pub seconds: f64,
+}
+
+impl LogLine for Metrics {
+    fn iter(&self) -> usize {
+        self.iter
+    }
+    fn set_seconds(&mut self, s: f64) {
+        self.seconds = s;
+    }
+    fn summary(&self) -> String {
+        let student = match (self.student_kd, self.student_ce) {
+            (Some(kd), Some(ce)) => format!(" student KD {kd:.3} CE {ce:.3}"),
+            _ => " (warm-up)".into(),
+        };
+        let feature = self
+            .student_feature
+            .map_or(String::new(), |f| format!(" feat {f:.3}"));
+        let eval = self
+            .eval_top1
+            .map_or(String::new(), |a| format!(" top-1 {a:.2}"));
+        format!(
+            "gdfq ep {} G: CE {:.3} BNS {:.3}{student}{feature}{eval}",
+            self.epoch, self.generator_ce, self.bns
+        )
+    }
+    fn curves(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let mut v = vec![
+            ("generator loss", "CE", self.generator_ce),
+            ("generator loss", "BNS", self.bns),
+            ("student learning rate", "lr", self.student_lr),
+        ];
+        let student = [
+            ("KD", self.student_kd),
+            ("CE", self.student_ce),
+            ("feature", self.student_feature),
+        ];
+        v.extend(
+            student
+                .into_iter()
+                .filter_map(|(n, x)| x.map(|x| ("student loss", n, x))),
+        );
+        if let Some(a) = self.eval_top1 {
+            v.push(("student top-1 on the measuring data (%)", "top-1", a));
+        }
+        v
+    }
+}
+
+/// What the run hands back for export.
+pub struct Outcome {
+    pub ranges: HashMap<String, (f32, f32)>,
+    /// Fine-tuned float values of the student's parameters, by initializer name.
+    pub values: HashMap<String, Vec<f32>>,
+    pub history: Vec<Metrics>,
+    pub generator_params: usize,
+    /// Multiply-accumulates of the generator per image.
+    pub generator_macs: u64,
+    pub train_seconds: f64,
+    pub resumed_from: Option<usize>,
+}
+
+/// The generator `cfg` names, initialised from its seed.
+pub fn build_generator(
+    cfg: &Config,
+    classes: usize,
+    (channels, size): (usize, usize),
+    device: &Device,
+) -> Result<Box<dyn Generator>> {
+    Ok(match cfg.generator {
+        GeneratorFamily::GdfqCifar => Box::new(GdfqGenerator::new(
+            GdfqConfig::cifar(classes, channels, size),
+            device,
+            cfg.seed,
+        )?),
+        GeneratorFamily::GdfqImagenet => Box::new(GdfqGenerator::new(
+            GdfqConfig::imagenet(classes, channels, size),
+            device,
+            cfg.seed,
+        )?),
+        GeneratorFamily::Autorecon => {
+            let g = cfg.genotype.as_ref().context(
+                "the autorecon generator needs a genotype (--genotype FILE, from `datafree search`)",
+            )?;
+            Box::new(AutoReconGenerator::derived(
+                g,
+                (100, classes, channels, size),
+                device,
+                cfg.seed,
+            )?)
+        }
+    })
+}
+
+/// Top-1 (%) of a student program on the measuring data.
+pub type EvalFn<'a> = dyn Fn(&Program) -> Result<f64> + 'a;
+
+/// Where the run reads and writes.
+pub struct Io<'a> {
+    pub out: &'a Path,
+    pub resume: Option<&'a Path>,
+    pub checkpoint_every: usize,
+    pub grid_every: usize,
+    /// De-normalisation of sample grids: (mean, std) per channel.
+    pub denorm: Option<(Vec<f32>, Vec<f32>)>,
+    /// Fails after this many iterations (simulates a crash for resume tests).
+    pub stop_after: Option<usize>,
+    /// Evaluates the fake-quantized student (top-1 %) at the given interval.
+    pub eval: Option<(usize, &'a EvalFn<'a>)>,
+}
+
+/// The GDFQ distillation loss: KL(softmax(t/T) || softmax(s/T)) averaged over batch x classes
+/// (PyTorch's KLDivLoss default, as the reference uses it) times T^2.
+pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
+    let ls = candle_nn::ops::log_softmax(&(student / t)?, D::Minus1)?;
+    let lt = candle_nn::ops::log_softmax(&(teacher / t)?, D::Minus1)?;
+    let kl = (lt.exp()? * (lt - ls)?)?.mean_all()?;
+    Ok((kl * (t * t))?)
+}
+
+/// Trains generator and student. `teacher` is the frozen teacher (BN taps needed), `student`
+/// the trainable float student graph that `plan` quantizes (`weight_names` maps the plan's
+/// weight names to the student's, when it trains another parametrization); `fixed_ranges` are activation
+/// ranges given in advance (the others are observed during warm-up).
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    teacher: &Program,
+    teacher_name: &str,
+    student: &mut Program,
+    plan: &Plan,
+    weight_names: &HashMap<String, String>,
+    (scheme, scales): (WeightScheme, Scales),
+    classes: usize,
+    (channels, size): (usize, usize),
+    cfg: Config,
+    fixed_ranges: &HashMap<String, (f32, f32)>,
+    io: &Io,
+) -> Result<Outcome> {
+    ensure!(
+        !teacher.bn_taps().is_empty(),
+        "{teacher_name}: GDFQ needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept"
+    );
+    ensure!(
+        cfg.batch >= 2,
+        "--batch must be at least 2 (batch statistics)"
+    );
+    let device = teacher.device().clone();
+    // Weights are fake-quantized on every forward pass, from their current values.
+    for l in &plan.layers {
+        let (axis, bits) = (l.weight_axis, l.weight_bits);
+        let name = weight_names.get(&l.weight).unwrap_or(&l.weight);
+        student.set_transform(
+            name,
+            Arc::new(move |w| fake_quant_weight(w, axis, bits, scheme)),
+        )?;
+    }
+    // Clipped weights are clamped to their starting clips after every step (projected SGD), so
+    // the min/max grid of the trained weights is the clipped one.
+    let mut clips = Vec::new();
+    if cfg.weight_clip == WeightClip::Mse {
+        for l in &plan.layers {
+            let name = weight_names.get(&l.weight).unwrap_or(&l.weight);
+            let var = student
+                .vars()
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("layer {}: weight {name} is not trainable", l.node))?;
+            let c = clamp_var(&var, l, None)?;
+            clips.push((var, l.clone(), c));
+        }
+    }
+    let student_vars: Vec<candle_core::Var> =
+        student.vars().iter().map(|(_, v)| v.clone()).collect();
+    let mut generator = build_generator(&cfg, classes, (channels, size), &device)?;
+    if let Some(init) = &cfg.generator_init {
+        generator.params_mut().load(init)?;
+    }
+    // The student is the BN-folded teacher, whose tensors keep the teacher's names.
+    let features: Vec<String> = if cfg.feature_weight > 0.0 {
+        plan.points
+            .iter()
+            .map(|p| p.tensor.clone())
+            .filter(|t| t != teacher.input_name())
+            .collect()
+    } else {
+        vec![]
+    };
+    let mut run = Run {
+        gen_opt: Adam::new(
+            generator.params().vars(),
+            cfg.generator_lr,
+            cfg.generator_betas,
+        ),
+        student_opt: Sgd::new(
+            student_vars,
+            cfg.student_lr,
+            cfg.student_momentum,
+            cfg.student_weight_decay,
+            true,
+        ),
+        generator,
+        rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
+        ranges: fixed_ranges.clone(),
+        fixed: fixed_ranges.keys().cloned().collect(),
+        cfg: cfg.clone(),
+        teacher,
+        student,
+        plan,
+        classes,
+        scales,
+        learned: Vec::new(),
+        range_opt: None,
+        clips,
+        features,
+        io,
+        device,
+    };
+    let outcome = engine::run(
+        &mut run,
+        cfg.total_iters(),
+        &engine::RunIo {
+            out: io.out,
+            resume: io.resume,
+            log_name: "metrics.jsonl",
+            log_every: 1,
+            checkpoint_every: io.checkpoint_every,
+            stop_after: io.stop_after,
+            label: "gdfq",
+        },
+    )?;
+    let values = run
+        .student
+        .vars()
+        .iter()
+        .map(|(n, v)| {
+            Ok((
+                n.clone(),
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
+    let ranges = run.current_ranges()?;
+    run.student.clear_transforms();
+    Ok(Outcome {
+        ranges,
+        values,
+        history: outcome.history,
+        generator_params: run.generator.params().count(),
+        generator_macs: run.generator.macs_per_image(),
+        train_seconds: outcome.seconds,
+        resumed_from: outcome.resumed_from,
+    })
+}
