@@ -74,7 +74,7 @@ fn main() -> Result<()> {
             labels,
         ))
     };
-    let pb = datafree::verify::eval::progress(recipe.steps, "train");
+    let pb = datafree::progress::progress(recipe.steps, "train");
     pb.set_style(indicatif::ProgressStyle::with_template(
         "{msg} [{bar:30}] {pos}/{len} steps, eta {eta}",
     )?);

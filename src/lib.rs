@@ -20,6 +20,7 @@ pub mod methods;
 pub mod onnx;
 pub mod pipeline;
 pub mod plot;
+pub mod progress;
 pub mod quant;
 pub mod report;
 pub mod search;

@@ -9,8 +9,6 @@ use anyhow::{Result, anyhow};
 use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 
-use crate::train::engine::LogLine;
-
 /// Tiles planar (C, H, W) u8 RGB images into one PNG, `cols` per row, scaled up `zoom` times.
 pub fn save_grid(
     path: &Path,
@@ -72,19 +70,23 @@ fn register_font() {
     });
 }
 
+/// One (panel, series, value) point of a curve at some iteration.
+pub type CurvePoint = (&'static str, &'static str, f64);
+
 /// One panel per curve group, stacked: each series against the iteration, y on a log scale
-/// when every value is positive and they span more than a factor 20.
-pub fn curves<L: LogLine>(path: &Path, title: &str, history: &[L]) -> Result<()> {
+/// when every value is positive and they span more than a factor 20. `history` holds, per
+/// logged iteration (counted from 1), its points.
+pub fn curves(path: &Path, title: &str, history: &[(usize, Vec<CurvePoint>)]) -> Result<()> {
     let mut panels: BTreeMap<&str, Panel> = BTreeMap::new();
-    for l in history {
-        for (panel, series, v) in l.curves() {
+    for (iter, points) in history {
+        for &(panel, series, v) in points {
             if v.is_finite() {
                 panels
                     .entry(panel)
                     .or_default()
                     .entry(series)
                     .or_default()
-                    .push((l.iter() as f64 + 1.0, v));
+                    .push((*iter as f64, v));
             }
         }
     }

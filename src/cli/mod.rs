@@ -224,7 +224,7 @@ pub enum Command {
 /// The preprocessing of a model's inputs: the flags, else its metadata, else its BN statistics.
 fn preprocess(a: &PreprocessArgs, model: &onnx::LoadedModel) -> anyhow::Result<Preprocess> {
     let given = a.given()?;
-    let info = onnx::inspect::inspect(model);
+    let info = crate::teacher::inspect::inspect(model);
     let (h, w) = info.input_resolution.as_ref().map_or((0, 0), |r| {
         (r.height.max(0) as usize, r.width.max(0) as usize)
     });
@@ -289,13 +289,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // A model without an NCHW image input is still described; only the domain is left out.
             let (report, domain) = match crate::teacher::Teacher::new(loaded.clone(), given) {
                 Ok(t) => (t.info, Some(t.domain)),
-                Err(_) => (onnx::inspect::inspect(&loaded), None),
+                Err(_) => (crate::teacher::inspect::inspect(&loaded), None),
             };
             if json {
                 #[derive(serde::Serialize)]
                 struct Out<'a> {
                     #[serde(flatten)]
-                    report: &'a onnx::inspect::InspectReport,
+                    report: &'a crate::teacher::inspect::InspectReport,
                     input_domain: Option<&'a crate::teacher::InputDomain>,
                 }
                 let out = Out {

@@ -105,7 +105,7 @@ pub fn noise(ctx: &Context) -> Result<MethodOutput> {
 pub fn zeroq(ctx: &Context, log: &mut dyn FnMut(&str)) -> Result<MethodOutput> {
     let s = ctx.ptq;
     let tp = ctx.teacher.program(ctx.device)?;
-    let pb = crate::verify::eval::progress(s.zeroq_iters, "zeroq distillation");
+    let pb = crate::progress::progress(s.zeroq_iters, "zeroq distillation");
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, eta {eta}")
             .expect("valid template"),

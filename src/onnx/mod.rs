@@ -6,7 +6,6 @@ pub mod bn;
 pub mod builder;
 pub mod check;
 pub mod graph;
-pub mod inspect;
 pub mod load;
 pub mod padding;
 pub mod tensor;

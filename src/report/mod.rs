@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::onnx::inspect::{DimDesc, InspectReport, ValueDesc};
+use crate::teacher::inspect::{DimDesc, InspectReport, ValueDesc};
 
 /// "97.3 KiB" style sizes.
 pub fn human_bytes(b: u64) -> String {

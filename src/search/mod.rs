@@ -169,7 +169,7 @@ impl LogLine for SearchLog {
             self.epoch, self.tau, self.weight_ce, self.weight_bns, self.arch_ce, self.arch_bns
         )
     }
-    fn curves(&self) -> Vec<(&'static str, &'static str, f64)> {
+    fn curves(&self) -> Vec<crate::plot::CurvePoint> {
         vec![
             ("reconstruction loss", "weights: CE", self.weight_ce),
             ("reconstruction loss", "weights: BNS", self.weight_bns),

@@ -1,10 +1,11 @@
 //! The teacher, analysed once per run: the model file (proto and folder), its inspection
-//! (signature, op histogram, BatchNormalization statistics and verdict), its input geometry and
-//! class count, and its input domain. Every later stage takes a `&Teacher` instead of
+//! (signature, op histogram, BatchNormalization statistics and verdict, what the lowering
+//! supports), its input geometry and class count, and its input domain. Every later stage takes a `&Teacher` instead of
 //! re-deriving these from the file.
 
 pub mod domain;
 mod infer;
+pub mod inspect;
 
 use std::path::Path;
 
@@ -15,10 +16,10 @@ use crate::data::Preprocess;
 use crate::device::HOST;
 use crate::lower::Program;
 use crate::onnx::bn::BnReport;
-use crate::onnx::inspect::InspectReport;
 use crate::onnx::pb::ModelProto;
 use crate::onnx::{self, LoadedModel};
 pub use domain::InputDomain;
+use inspect::InspectReport;
 
 /// A classifier ready for the data-free stages.
 pub struct Teacher {
@@ -41,7 +42,7 @@ impl Teacher {
     /// a class axis, and resolves the input domain.
     pub fn new(model: LoadedModel, given: Option<Preprocess>) -> Result<Teacher> {
         onnx::check::parameters(&model)?;
-        let info = onnx::inspect::inspect(&model);
+        let info = inspect::inspect(&model);
         let (channels, height, width) = geometry(&model, &info)?;
         let domain = InputDomain::resolve(&model, &info.batch_norm, given, (height, width));
         let classes = match info.classes {

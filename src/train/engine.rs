@@ -23,7 +23,7 @@ pub trait LogLine: Serialize + DeserializeOwned + Clone {
     /// The progress bar's message.
     fn summary(&self) -> String;
     /// Values drawn in curves.png: (panel, series, value).
-    fn curves(&self) -> Vec<(&'static str, &'static str, f64)>;
+    fn curves(&self) -> Vec<crate::plot::CurvePoint>;
 }
 
 /// A method's training step and the state it owns.
@@ -118,7 +118,7 @@ pub fn run<S: Step>(step: &mut S, total: usize, io: &RunIo) -> Result<Outcome<S:
     }
     crate::io::write_atomic(&log_path, &kept)?;
     let mut log = std::fs::OpenOptions::new().append(true).open(&log_path)?;
-    let pb = crate::verify::eval::progress_iters(total, io.label);
+    let pb = crate::progress::progress_iters(total, io.label);
     pb.set_position(start as u64);
     let t0 = Instant::now();
     let elapsed = || elapsed0 + t0.elapsed().as_secs_f64();
@@ -135,7 +135,8 @@ pub fn run<S: Step>(step: &mut S, total: usize, io: &RunIo) -> Result<Outcome<S:
         step.after(done, total)?;
         if io.checkpoint_every > 0 && (done.is_multiple_of(io.checkpoint_every) || done == total) {
             save(step, io.out, done, elapsed())?;
-            crate::plot::curves(&io.out.join("curves.png"), io.label, &history)?;
+            let points: Vec<_> = history.iter().map(|l| (l.iter() + 1, l.curves())).collect();
+            crate::plot::curves(&io.out.join("curves.png"), io.label, &points)?;
         }
         if io.stop_after == Some(done) {
             bail!("stopped after iteration {done} (--stop-after)");

@@ -9,11 +9,12 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-use super::eval::{Accuracy, argmax, input_geometry, progress};
+use super::eval::{Accuracy, argmax, input_geometry};
 use super::ort_runtime;
 use crate::data::{Dataset, Preprocess};
 use crate::device::HOST;
 use crate::onnx::LoadedModel;
+use crate::progress::progress;
 
 /// Inputs to compare on.
 pub enum Inputs<'a> {

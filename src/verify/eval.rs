@@ -4,12 +4,12 @@
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::engine::{Engine, EngineKind};
 use crate::data::{Dataset, Preprocess};
 use crate::onnx::LoadedModel;
+use crate::progress::progress;
 
 /// Top-1 / top-5 accumulators with per-class counts.
 #[derive(Debug, Clone)]
@@ -87,33 +87,9 @@ pub struct EvalReport {
     pub images_per_second: f64,
 }
 
-/// A progress bar on a terminal (hidden otherwise).
-pub fn progress(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images, {per_sec}, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
-/// A progress bar over training iterations.
-pub fn progress_iters(len: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} it, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
 /// Model input geometry (N x C x H x W) from the model's declared input.
 pub fn input_geometry(model: &LoadedModel) -> Result<(usize, usize, usize, usize)> {
-    let r = crate::onnx::inspect::inspect(model);
+    let r = crate::teacher::inspect::inspect(model);
     let res = r.input_resolution.ok_or_else(|| {
         anyhow::anyhow!(
             "{}: the input has no fixed C x H x W shape",

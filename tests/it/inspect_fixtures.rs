@@ -3,9 +3,9 @@
 
 use crate::fixtures::{self, BnVariant, QUICKSTART_SEED};
 use datafree::onnx::bn::Verdict;
-use datafree::onnx::inspect::{DimDesc, InspectReport, inspect};
 use datafree::onnx::load_model;
 use datafree::onnx::pb::ModelProto;
+use datafree::teacher::inspect::{DimDesc, InspectReport, inspect};
 
 fn report(model: &ModelProto) -> InspectReport {
     let (_dir, path) = crate::common::write_temp(model, "m.onnx");

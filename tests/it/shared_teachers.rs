@@ -2,8 +2,8 @@
 //! reason when that folder is absent).
 
 use datafree::onnx::bn::Verdict;
-use datafree::onnx::inspect::{InspectReport, inspect};
 use datafree::onnx::load_model;
+use datafree::teacher::inspect::{InspectReport, inspect};
 
 fn report(name: &str) -> Option<InspectReport> {
     let p = crate::common::shared_teacher(name)?;

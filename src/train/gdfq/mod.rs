@@ -73,7 +73,7 @@ impl LogLine for Metrics {
             self.epoch, self.generator_ce, self.bns
         )
     }
-    fn curves(&self) -> Vec<(&'static str, &'static str, f64)> {
+    fn curves(&self) -> Vec<crate::plot::CurvePoint> {
         let mut v = vec![
             ("generator loss", "CE", self.generator_ce),
             ("generator loss", "BNS", self.bns),

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::bn::{self, BnReport};
-use super::graph::display_name;
-use super::load::LoadedModel;
-use super::pb::{
+use crate::onnx::LoadedModel;
+use crate::onnx::bn::{self, BnReport};
+use crate::onnx::graph::display_name;
+use crate::onnx::pb::{
     ValueInfoProto, tensor_proto::DataType, tensor_shape_proto::dimension, type_proto,
 };
-use super::tensor;
+use crate::onnx::tensor;
 
 /// JSON schema version of [`InspectReport`]; bumped on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
