@@ -441,6 +441,16 @@ pub fn build_student(
     graph.node = nodes;
     graph.initializer.extend(inits);
     prune_initializers(graph);
+    // The student is written elsewhere: what the teacher kept in external files travels inline.
+    for t in graph
+        .initializer
+        .iter_mut()
+        .filter(|t| tensor::is_external(t))
+    {
+        t.raw_data = tensor::read_external(t, model.dir()).map_err(anyhow::Error::msg)?;
+        t.data_location = None;
+        t.external_data.clear();
+    }
     if int4_weights && plan.layers.iter().any(|l| l.weight_bits <= 4) {
         raise_to_opset21(&mut out)?;
     }

@@ -519,3 +519,70 @@ fn an_unsupported_op_is_reported_in_the_teachers_file() {
         "{err}"
     );
 }
+
+/// The quick-start teacher with every float initializer moved into `weights.bin` beside it, as
+/// exporters write large models.
+fn external_data_twin(dir: &Path) -> std::path::PathBuf {
+    use datafree::onnx::pb::{StringStringEntryProto, tensor_proto::DataLocation};
+    let mut m = load_model(Path::new(crate::common::QUICKSTART)).unwrap().proto;
+    let mut blob = Vec::new();
+    for t in &mut m.graph.as_mut().unwrap().initializer {
+        if t.data_type != DataType::Float as i32 || t.raw_data.is_empty() {
+            continue;
+        }
+        let raw = std::mem::take(&mut t.raw_data);
+        let kv = |k: &str, v: String| StringStringEntryProto {
+            key: k.into(),
+            value: v,
+        };
+        t.data_location = Some(DataLocation::External as i32);
+        t.external_data = vec![
+            kv("location", "weights.bin".into()),
+            kv("offset", blob.len().to_string()),
+            kv("length", raw.len().to_string()),
+        ];
+        blob.extend(raw);
+    }
+    assert!(!blob.is_empty());
+    std::fs::write(dir.join("weights.bin"), blob).unwrap();
+    let path = dir.join("teacher.onnx");
+    datafree::onnx::builder::write_model(&path, &m).unwrap();
+    path
+}
+
+#[test]
+fn an_external_data_teacher_compresses_like_its_inline_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let ext = external_data_twin(dir.path());
+    let inline = Path::new(crate::common::QUICKSTART);
+    let x: Vec<f32> = (0..4 * 3072)
+        .map(|i| ((i * 7919 % 1000) as f32 / 250.0) - 2.0)
+        .collect();
+    // BN folded (the weights are decoded from weights.bin) and kept (BN parameters are
+    // copied into a student written elsewhere, so they must travel inline).
+    for bn in ["fold", "keep"] {
+        let args = ["--bits", "w8a8", "--bn", bn];
+        let (a, b) = (dir.path().join(format!("a-{bn}")), dir.path().join(format!("b-{bn}")));
+        compress(&ext, &a, &args);
+        compress(inline, &b, &args);
+        let student = load_model(&a.join("student.onnx")).unwrap();
+        assert!(
+            student
+                .graph()
+                .initializer
+                .iter()
+                .all(|t| !datafree::onnx::tensor::is_external(t)),
+            "--bn {bn}: the student references external data"
+        );
+        let run = |p: &Path| {
+            ort_runtime::run_f32(
+                &mut ort_runtime::session(&p.join("student.onnx"), 1).unwrap(),
+                &[4, 3, 32, 32],
+                &x,
+            )
+            .unwrap()
+            .1
+        };
+        assert_eq!(run(&a), run(&b), "--bn {bn}: students differ");
+    }
+}
