@@ -28,6 +28,14 @@ pub mod teacher;
 pub mod train;
 pub mod verify;
 
+/// The serde name of a unit enum value (`raw-pixels`-style kebab names where the type says so).
+pub fn cli_name_of<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|j| j.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// The name a value has on the command line (`ptq-bn`, `symmetric`, `fold`).
 pub fn cli_name<T: clap::ValueEnum>(v: &T) -> String {
     v.to_possible_value()

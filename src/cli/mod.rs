@@ -185,7 +185,9 @@ pub enum Command {
         /// The float reference (the teacher).
         #[arg(long)]
         reference: PathBuf,
-        /// Labelled data (else seeded noise inputs; accuracy checks need data).
+        /// Labelled data; without it the inputs are synthesized from the reference alone
+        /// (class-balanced images it classifies with confidence), and agreement is counted
+        /// where it is confident.
         #[arg(long)]
         data: Option<String>,
         #[command(flatten)]
@@ -193,17 +195,24 @@ pub enum Command {
         /// Use only the first N images of --data.
         #[arg(long)]
         limit: Option<usize>,
-        /// Noise images when no --data.
-        #[arg(long, default_value_t = 512)]
+        /// Images to synthesize when there is no --data.
+        #[arg(long, default_value_t = 128)]
         images: usize,
+        /// Optimisation steps of the synthesized images.
+        #[arg(long, default_value_t = 100)]
+        synth_steps: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Minimum fraction of images where student and reference agree.
+        /// Minimum fraction of images where student and reference agree (without --data: of
+        /// the synthesized images the reference classifies with confidence).
         #[arg(long, default_value_t = 0.99)]
         min_agreement: f64,
         /// Maximum top-1 drop in points (with --data).
         #[arg(long, default_value_t = 1.0)]
         max_top1_drop: f64,
+        /// Maximum mean relative logit error (centered logits) without --data.
+        #[arg(long, default_value_t = crate::verify::gate::MAX_LOGIT_ERROR)]
+        max_logit_error: f64,
         /// Also require datafree's simulation to match ORT within this max |logit diff|.
         #[arg(long)]
         max_sim_diff: Option<f64>,
@@ -431,7 +440,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", crate::report::render_compress(&r));
                 println!("report: {}", path.display());
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(match &r.self_check {
+                None => ExitCode::SUCCESS,
+                Some(why) => {
+                    eprintln!("error: {}: {why}", r.student);
+                    ExitCode::from(1)
+                }
+            })
         }
         Command::Search {
             teacher,
@@ -486,9 +501,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pre,
             limit,
             images,
+            synth_steps,
             seed,
             min_agreement,
             max_top1_drop,
+            max_logit_error,
             max_sim_diff,
             json,
             junit,
@@ -496,20 +513,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = onnx::load_model(&student)?;
             let teacher = Teacher::open(&reference, pre.given()?)?;
             let r = &teacher.model;
-            let pre = teacher.preprocess();
             let mut ds = d
                 .map(|x| data::open(&x, teacher.height, teacher.width))
                 .transpose()?;
             if let (Some(d), Some(n)) = (ds.as_mut(), limit) {
                 d.truncate(n);
             }
-            let inputs = match &ds {
-                Some(d) => crate::verify::compare::Inputs::Data(d, pre),
-                None => crate::verify::compare::Inputs::Noise { images, seed },
+            let synthesized = match &ds {
+                Some(_) => None,
+                None => Some(crate::verify::synth::synthesize(
+                    &teacher,
+                    crate::verify::synth::SynthConfig {
+                        images,
+                        steps: synth_steps,
+                        seed,
+                        ..Default::default()
+                    },
+                )?),
             };
-            let c = crate::verify::compare::compare(&s, r, &inputs, 100, max_sim_diff.is_some())?;
-            let checks =
-                crate::verify::gate::checks(&c, min_agreement, max_top1_drop, max_sim_diff);
+            let inputs = match (&ds, &synthesized) {
+                (Some(d), _) => crate::verify::compare::Inputs::Data(d),
+                (None, Some(s)) => crate::verify::compare::Inputs::Synthesized(s),
+                (None, None) => unreachable!("synthesized without data"),
+            };
+            let c = crate::verify::compare::compare(
+                &s,
+                &teacher,
+                &inputs,
+                100,
+                max_sim_diff.is_some(),
+            )?;
+            let checks = crate::verify::gate::checks(
+                &c,
+                &crate::verify::gate::Thresholds {
+                    min_agreement,
+                    max_top1_drop,
+                    max_logit_error,
+                    max_sim_diff,
+                },
+            );
             let g = crate::verify::gate::GateReport {
                 student: s.path.display().to_string(),
                 reference: r.path.display().to_string(),

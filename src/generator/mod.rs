@@ -61,6 +61,21 @@ pub fn sample(
     ))
 }
 
+/// A generator's standardized images (per-channel batch mean 0, std 1 from its last BN) moved
+/// into the teacher's input domain: mean and spread of natural images there.
+pub fn to_domain(x: &Tensor, domain: &crate::teacher::InputDomain) -> Result<Tensor> {
+    if domain.is_unit_normal() {
+        return Ok(x.clone());
+    }
+    let (m, s) = domain.stats();
+    let c = x.dim(1)?;
+    let pick = |v: [f32; 3]| -> Result<Tensor> {
+        let v: Vec<f32> = (0..c).map(|k| v[k % 3]).collect();
+        Ok(Tensor::from_vec(v, c, x.device())?.to_dtype(x.dtype())?)
+    };
+    Ok(crate::kernels::channel_affine(x, &pick(s)?, &pick(m)?)?)
+}
+
 /// What the training loops need of a generator.
 pub trait Generator {
     fn latent(&self) -> usize;

@@ -103,6 +103,7 @@ pub fn search(
         &teacher.name(),
         teacher.classes,
         teacher.image(),
+        &teacher.domain,
         cfg,
         io,
     )?;

@@ -39,10 +39,13 @@ pub fn run(
         Some((c, s)) => (c, Some(s)),
         None => (ctx.train.clone(), None),
     };
-    let (fixed, mut origins) = match cfg.range_source {
+    let (mut fixed, mut origins) = match cfg.range_source {
         RangeSource::Bn => super::ptq::bn_statistics_ranges(ctx),
         RangeSource::Ema => (Ranges::new(), HashMap::new()),
     };
+    let (r, o) = super::input_ranges(ctx);
+    fixed.extend(r);
+    origins.extend(o);
     let method = if search.is_some() {
         super::Method::Autorecon
     } else {
@@ -53,7 +56,12 @@ pub fn run(
         origins.insert(t.clone(), RangeOrigin::Generated { method });
     }
     if cfg.range_lr > 0.0 {
-        for t in ranges.keys() {
+        let learned = ctx
+            .plan
+            .points
+            .iter()
+            .filter(|p| p.role != crate::quant::placement::Role::NetworkInput);
+        for t in learned.map(|p| &p.tensor) {
             let from = origins
                 .remove(t)
                 .unwrap_or(RangeOrigin::Generated { method });
@@ -158,10 +166,7 @@ fn train(
             .filter(|r| !is_autorecon || crate::io::find_checkpoint(r).is_some()),
         checkpoint_every: ctx.run.checkpoint_every,
         grid_every: ctx.run.grid_every,
-        denorm: ctx.data.map(|_| {
-            let p = teacher.preprocess();
-            (p.mean.to_vec(), p.std.to_vec())
-        }),
+        domain: &teacher.domain,
         stop_after: ctx.run.stop_after,
         eval: match (ctx.data, ctx.run.eval_every) {
             (Some(_), Some(every)) => Some((every, eval_ref)),

@@ -23,6 +23,7 @@ use crate::quant::placement::Plan;
 use crate::quant::{BitSpec, Scales, WeightClip, WeightScheme};
 use crate::search::SearchReport;
 use crate::teacher::Teacher;
+use crate::teacher::domain::DomainSource;
 use crate::train::gdfq::Config as TrainConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -65,8 +66,12 @@ impl Method {
 pub enum RangeOrigin {
     /// mean +- k std of the Gaussian the BN statistics describe.
     BnStatistics { k: f64 },
-    /// Noise, because no BN statistics reach the tensor (ptq-bn's fallback).
+    /// Noise, because no BN statistics reach the tensor and the teacher has none (ptq-bn's
+    /// fallback).
     NoiseFallback,
+    /// Inputs synthesized to match the teacher's BN statistics, because they do not reach the
+    /// tensor analytically (ptq-bn's fallback).
+    SynthesizedFallback { images: usize, steps: usize },
     /// Gaussian-noise inputs.
     Noise { images: usize },
     /// ZeroQ-distilled inputs.
@@ -77,6 +82,8 @@ pub enum RangeOrigin {
     },
     /// EMA of batch min/max of generated images during the generator warm-up.
     Generated { method: Method },
+    /// The network input: its domain's range (pixels 0..255 mapped through the preprocessing).
+    InputDomain { summary: String },
     /// Any of the above, then learned with the student.
     Learned {
         from: Box<RangeOrigin>,
@@ -89,6 +96,10 @@ impl std::fmt::Display for RangeOrigin {
         match self {
             RangeOrigin::BnStatistics { k } => write!(f, "BN statistics, mean +- {k} std"),
             RangeOrigin::NoiseFallback => f.write_str("noise (no BN statistics reach it)"),
+            RangeOrigin::SynthesizedFallback { images, steps } => write!(
+                f,
+                "observed on {images} inputs synthesized from the BN statistics ({steps} steps; no BN statistics reach it analytically)"
+            ),
             RangeOrigin::Noise { images } => write!(f, "N(0,1) noise, {images} images"),
             RangeOrigin::Zeroq { images, steps, bns } => {
                 write!(
@@ -105,6 +116,7 @@ impl std::fmt::Display for RangeOrigin {
                     "GDFQ"
                 }
             ),
+            RangeOrigin::InputDomain { summary } => write!(f, "the input domain ({summary})"),
             RangeOrigin::Learned { from, range_lr } => {
                 write!(
                     f,
@@ -214,6 +226,41 @@ pub struct MethodOutput {
     /// The fine-tuned float student in the plan's graph, when the method trains.
     pub trained: Option<ModelProto>,
     pub report: Option<MethodReport>,
+}
+
+/// The network input's range: its domain's, the same for every method.
+pub fn input_ranges(ctx: &Context) -> (Ranges, HashMap<String, RangeOrigin>) {
+    let d = &ctx.teacher.domain;
+    let summary = format!(
+        "{}, {}",
+        d.kind.describe(),
+        match &d.source {
+            DomainSource::Flags => "from the flags".to_string(),
+            DomainSource::Metadata(k) => format!("from metadata {k}"),
+            DomainSource::Inferred => "inferred from BN statistics".to_string(),
+            DomainSource::Assumed => "assumed".to_string(),
+        } + if d.is_estimate() {
+            ", widened by a quarter each side"
+        } else {
+            ""
+        }
+    );
+    ctx.plan
+        .points
+        .iter()
+        .filter(|p| p.role == crate::quant::placement::Role::NetworkInput)
+        .map(|p| {
+            (
+                (p.tensor.clone(), d.quant_range()),
+                (
+                    p.tensor.clone(),
+                    RangeOrigin::InputDomain {
+                        summary: summary.clone(),
+                    },
+                ),
+            )
+        })
+        .unzip()
 }
 
 /// Runs `method`.

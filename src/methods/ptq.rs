@@ -14,14 +14,27 @@ use candle_nn::Optimizer;
 use super::{Context, MethodOutput, RangeOrigin};
 use crate::lower::{Program, lower};
 use crate::quant::calibrate::{self, Ranges};
-use crate::quant::placement::Plan;
+use crate::quant::placement::{Plan, Role};
 
-/// The tensors of every planned activation point.
+/// The tensors of the planned activation points whose ranges a method finds (the network
+/// input's comes from its domain).
 fn point_tensors(plan: &Plan) -> Vec<String> {
-    plan.points.iter().map(|p| p.tensor.clone()).collect()
+    plan.points
+        .iter()
+        .filter(|p| p.role != Role::NetworkInput)
+        .map(|p| p.tensor.clone())
+        .collect()
 }
 
-fn output(ranges: Ranges, origins: HashMap<String, RangeOrigin>) -> MethodOutput {
+/// The method's ranges with the network input's added.
+fn output(
+    ctx: &Context,
+    mut ranges: Ranges,
+    mut origins: HashMap<String, RangeOrigin>,
+) -> MethodOutput {
+    let (r, o) = super::input_ranges(ctx);
+    ranges.extend(r);
+    origins.extend(o);
     MethodOutput {
         ranges,
         origins,
@@ -30,11 +43,20 @@ fn output(ranges: Ranges, origins: HashMap<String, RangeOrigin>) -> MethodOutput
     }
 }
 
-/// Ranges observed on seeded N(0, 1) noise through the float graph.
+/// Seeded noise images in the teacher's input domain, on the method's device.
+fn domain_noise(ctx: &Context, n: usize) -> Result<Tensor> {
+    let shape = ctx.teacher.input_shape(n);
+    Ok(Tensor::from_vec(
+        ctx.teacher.domain.noise(&shape, ctx.seed),
+        shape.to_vec(),
+        ctx.device,
+    )?)
+}
+
+/// Ranges observed on seeded noise in the teacher's domain through the float graph.
 fn observe_noise(ctx: &Context, tensors: &[String]) -> Result<Ranges> {
     let p = lower(ctx.float, ctx.device, DType::F32)?;
-    let shape = ctx.teacher.input_shape(ctx.ptq.calib_images);
-    let x = calibrate::noise(&shape, ctx.seed, ctx.device)?;
+    let x = domain_noise(ctx, ctx.ptq.calib_images)?;
     calibrate::observe(&p, &x, tensors, ctx.ptq.percentile)
 }
 
@@ -44,6 +66,7 @@ pub fn bn_statistics_ranges(ctx: &Context) -> (Ranges, HashMap<String, RangeOrig
         .plan
         .points
         .iter()
+        .filter(|p| p.role != Role::NetworkInput)
         .map(|p| {
             (
                 p.tensor.clone(),
@@ -53,10 +76,13 @@ pub fn bn_statistics_ranges(ctx: &Context) -> (Ranges, HashMap<String, RangeOrig
             )
         })
         .collect();
+    let (m, sd) = ctx.teacher.domain.stats();
+    let mean: Vec<f64> = m.iter().map(|&v| v as f64).collect();
+    let var: Vec<f64> = sd.iter().map(|&v| (v as f64).powi(2)).collect();
     let r = calibrate::bn_ranges(
         &ctx.teacher.model.proto,
-        &calibrate::bn_affine(ctx.teacher.bn()),
-        ctx.teacher.channels,
+        ctx.teacher.bn(),
+        (&mean, &var),
         &with_k,
     );
     let origins = with_k
@@ -75,13 +101,39 @@ pub fn bn(ctx: &Context) -> Result<MethodOutput> {
         .filter(|t| !r.contains_key(t))
         .collect();
     if !missing.is_empty() {
-        // Points the BN statistics do not reach (e.g. outputs of convs without BN) fall back to noise.
-        for (t, v) in observe_noise(ctx, &missing)? {
-            origins.insert(t.clone(), RangeOrigin::NoiseFallback);
+        // Points the BN statistics do not reach (e.g. outputs of convs without BN) are observed
+        // on inputs synthesized to match the statistics that exist, else on noise.
+        let (observed, origin) = if ctx.teacher.has_bn_statistics() {
+            let s = crate::verify::synth::synthesize(
+                ctx.teacher,
+                crate::verify::synth::SynthConfig {
+                    images: ctx.ptq.calib_images,
+                    seed: ctx.seed,
+                    ..Default::default()
+                },
+            )?;
+            let x = Tensor::from_vec(
+                s.x.clone(),
+                ctx.teacher.input_shape(s.images).to_vec(),
+                ctx.device,
+            )?;
+            let p = lower(ctx.float, ctx.device, DType::F32)?;
+            (
+                calibrate::observe(&p, &x, &missing, ctx.ptq.percentile)?,
+                RangeOrigin::SynthesizedFallback {
+                    images: s.images,
+                    steps: s.config.steps,
+                },
+            )
+        } else {
+            (observe_noise(ctx, &missing)?, RangeOrigin::NoiseFallback)
+        };
+        for (t, v) in observed {
+            origins.insert(t.clone(), origin.clone());
             r.insert(t, v);
         }
     }
-    Ok(output(r, origins))
+    Ok(output(ctx, r, origins))
 }
 
 /// `ptq-noise`.
@@ -98,7 +150,7 @@ pub fn noise(ctx: &Context) -> Result<MethodOutput> {
             )
         })
         .collect();
-    Ok(output(r, origins))
+    Ok(output(ctx, r, origins))
 }
 
 /// `zeroq`.
@@ -112,10 +164,9 @@ pub fn zeroq(ctx: &Context, log: &mut dyn FnMut(&str)) -> Result<MethodOutput> {
     );
     let (x, loss) = distill_inputs(
         &tp,
-        &ctx.teacher.input_shape(s.calib_images),
+        domain_noise(ctx, s.calib_images)?,
         s.zeroq_iters,
         s.zeroq_lr,
-        ctx.seed,
         |i, l| {
             pb.set_position(i as u64 + 1);
             pb.set_message(format!("zeroq distillation, BNS {l:.4}"));
@@ -141,24 +192,23 @@ pub fn zeroq(ctx: &Context, log: &mut dyn FnMut(&str)) -> Result<MethodOutput> {
             )
         })
         .collect();
-    Ok(output(r, origins))
+    Ok(output(ctx, r, origins))
 }
 
-/// ZeroQ: optimises `n` inputs so the BN batch statistics match the running statistics.
-/// Returns the distilled batch and the final BNS loss.
+/// ZeroQ: optimises the inputs `start` so the BN batch statistics match the running
+/// statistics. Returns the distilled batch and the final BNS loss.
 pub fn distill_inputs(
     teacher: &Program,
-    shape: &[usize],
+    start: Tensor,
     iters: usize,
     lr: f64,
-    seed: u64,
     mut on_step: impl FnMut(usize, f32),
 ) -> Result<(Tensor, f32)> {
     ensure!(
         !teacher.bn_taps().is_empty(),
         "zeroq needs BatchNormalization statistics, and the teacher has none (BN folded?)"
     );
-    let x = Var::from_tensor(&calibrate::noise(shape, seed, teacher.device())?)?;
+    let x = Var::from_tensor(&start)?;
     let mut opt = candle_nn::AdamW::new(
         vec![x.clone()],
         candle_nn::ParamsAdamW {

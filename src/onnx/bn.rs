@@ -104,6 +104,9 @@ pub struct BnReport {
     pub resolved_count: usize,
     /// Conv nodes with no BatchNormalization before or after them (likely folded).
     pub convs_without_bn: Vec<String>,
+    /// Convs without BN that architectures have by design: 1x1 projection shortcuts added to a
+    /// normalized branch, convs on globally pooled features (squeeze-excitation).
+    pub convs_without_bn_by_design: Vec<String>,
     pub message: String,
     /// How to get a model with statistics, when they are missing.
     pub fix: Option<String>,
@@ -146,7 +149,7 @@ pub fn analyse(model: &LoadedModel) -> BnReport {
             bn_nodes.push(i);
         }
     }
-    let convs_without_bn = convs_without_bn(&g, &bn_nodes);
+    let (convs_without_bn, convs_without_bn_by_design) = convs_without_bn(&g, &bn_nodes);
     let bn_count = layers.len();
     let resolved_count = layers.iter().filter(|l| l.resolved).count();
     let conv_count = graph.node.iter().filter(|n| is_conv(&n.op_type)).count();
@@ -182,9 +185,18 @@ pub fn analyse(model: &LoadedModel) -> BnReport {
             ),
         )
     } else {
+        let design = if convs_without_bn_by_design.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} convs have no BN by design (projection shortcuts, convs on pooled features): {}",
+                convs_without_bn_by_design.len(),
+                convs_without_bn_by_design.join(", ")
+            )
+        };
         (
             Verdict::Complete,
-            format!("all {bn_count} BatchNormalization layers carry running statistics"),
+            format!("all {bn_count} BatchNormalization layers carry running statistics{design}"),
         )
     };
     BnReport {
@@ -192,6 +204,7 @@ pub fn analyse(model: &LoadedModel) -> BnReport {
         bn_count,
         resolved_count,
         convs_without_bn,
+        convs_without_bn_by_design,
         message,
         fix: (verdict != Verdict::Complete).then(|| REEXPORT_FIX.to_string()),
         layers,
@@ -296,8 +309,9 @@ fn bn_downstream(
 
 /// Conv nodes that have no BN: neither directly after them (post-activation nets), nor reached
 /// through Add/activations, nor feeding them through activations (pre-activation nets). Convs that
-/// only lead to the graph output through pooling/reshaping (classifier heads) are not counted.
-fn convs_without_bn(g: &GraphIndex, bn_nodes: &[usize]) -> Vec<String> {
+/// only lead to the graph output through pooling/reshaping (classifier heads) are not counted;
+/// those an architecture has without BN by design come back separately (second list).
+fn convs_without_bn(g: &GraphIndex, bn_nodes: &[usize]) -> (Vec<String>, Vec<String>) {
     let graph = g.graph;
     // BNs that directly follow a conv belong to it ("post" BNs); the rest can normalize the
     // input or residual output of other convs.
@@ -321,7 +335,7 @@ fn convs_without_bn(g: &GraphIndex, bn_nodes: &[usize]) -> Vec<String> {
         .copied()
         .filter(|b| !claimed.contains(b))
         .collect();
-    let mut missing = Vec::new();
+    let (mut missing, mut by_design) = (Vec::new(), Vec::new());
     for (i, n) in graph
         .node
         .iter()
@@ -360,11 +374,49 @@ fn convs_without_bn(g: &GraphIndex, bn_nodes: &[usize]) -> Vec<String> {
             }
             t = pn.input.first().cloned().unwrap_or_default();
         }
-        if !normalized {
+        if normalized {
+            continue;
+        }
+        if by_design_without_bn(g, n) {
+            by_design.push(display_name(n, i));
+        } else {
             missing.push(display_name(n, i));
         }
     }
-    missing
+    (missing, by_design)
+}
+
+/// Whether a conv without BN is one that architectures have by design: a conv on globally
+/// pooled features (squeeze-excitation, FC as 1x1 conv), or a 1x1 projection shortcut whose
+/// output is added to a branch that ends in a BN. (A BN-folded export has no BN at the end of
+/// the other branch either, so its projections still count as folded.)
+fn by_design_without_bn(g: &GraphIndex, n: &crate::onnx::pb::NodeProto) -> bool {
+    let producer_op = |t: &str| g.producer(t).map(|p| g.node(p).op_type.clone());
+    let mut t = n.input.first().cloned().unwrap_or_default();
+    for _ in 0..4 {
+        match producer_op(&t).as_deref() {
+            Some("GlobalAveragePool" | "GlobalMaxPool" | "ReduceMean") => return true,
+            // Through activations and further convs on the same pooled features.
+            Some(op) if is_passthrough(op) || is_activation(op) || is_conv(op) => {
+                let p = g.producer(&t).expect("has a producer");
+                t = g.node(p).input.first().cloned().unwrap_or_default();
+            }
+            _ => break,
+        }
+    }
+    let one_by_one = g
+        .initializer(n.input.get(1).map(String::as_str).unwrap_or(""))
+        .is_some_and(|w| w.dims.len() == 4 && w.dims[2] == 1 && w.dims[3] == 1);
+    one_by_one
+        && g.consumers(&n.output[0]).iter().any(|&c| {
+            let add = g.node(c);
+            add.op_type == "Add"
+                && add
+                    .input
+                    .iter()
+                    .filter(|x| **x != n.output[0])
+                    .any(|x| producer_op(x).as_deref() == Some("BatchNormalization"))
+        })
 }
 
 /// Whether `tensor` reaches a graph output only through head ops (pooling, flatten, softmax...).

@@ -17,7 +17,7 @@ use crate::data::Dataset;
 use crate::export::{self, PointParams};
 use crate::methods::{self, AutoreconSettings, Method, PtqSettings, RunSettings};
 use crate::quant::placement::{self, PlanOptions};
-use crate::quant::{BitSpec, QParams, Scales, WeightClip, WeightScheme};
+use crate::quant::{BitSpec, Scales, WeightClip, WeightScheme};
 use crate::teacher::Teacher;
 use crate::train::gdfq::Config as TrainConfig;
 use crate::verify::compare::{self, Inputs};
@@ -155,7 +155,7 @@ pub fn compress(
             let (lo, hi) = m.ranges[&p.tensor];
             (
                 p.tensor.clone(),
-                QParams::activation(lo, hi, p.bits, cfg.scales),
+                placement::point_params(p.role, (lo, hi), p.bits, cfg.scales),
             )
         })
         .collect();
@@ -189,26 +189,29 @@ pub fn compress(
         student_path.display(),
         student_model.size_bytes
     ));
-    let verification_noise = compare::compare(
-        &student_model,
-        &teacher.model,
-        &Inputs::Noise {
+    // Without data, the student is checked on inputs synthesized from the teacher alone,
+    // where the teacher's predictions are clear (on noise they are near-ties).
+    let synthesized = crate::verify::synth::synthesize(
+        teacher,
+        crate::verify::synth::SynthConfig {
             images: cfg.verify_images,
             seed: cfg.seed.wrapping_add(1000),
+            ..Default::default()
         },
+    )?;
+    let verification_synthetic = compare::compare(
+        &student_model,
+        teacher,
+        &Inputs::Synthesized(&synthesized),
         64,
         true,
     )?;
+    let self_check = report::self_check(&student_model, cfg.bits, &verification_synthetic);
+    if let Some(why) = &self_check {
+        log(&format!("CHECK FAILED: {why}"));
+    }
     let verification_data = data
-        .map(|d| {
-            compare::compare(
-                &student_model,
-                &teacher.model,
-                &Inputs::Data(d, teacher.preprocess()),
-                100,
-                true,
-            )
-        })
+        .map(|d| compare::compare(&student_model, teacher, &Inputs::Data(d), 100, true))
         .transpose()?;
     Ok(Report {
         tool: format!("datafree {}", env!("CARGO_PKG_VERSION")),
@@ -226,6 +229,7 @@ pub fn compress(
         bn: cfg.bn,
         bn_folded,
         seed: cfg.seed,
+        input_domain: teacher.domain.clone(),
         placement: PLACEMENT.into(),
         notes: report::notes(teacher, cfg, &plan, &m.origins),
         activations: plan
@@ -251,7 +255,8 @@ pub fn compress(
         calibration_seconds,
         training: m.report,
         baselines: baselines(teacher, cfg, data, log)?,
-        verification_noise,
+        self_check,
+        verification_synthetic,
         verification_data,
         wall_seconds: t0.elapsed().as_secs_f64(),
     })
@@ -282,7 +287,7 @@ fn baselines(
         let v = r
             .verification_data
             .as_ref()
-            .unwrap_or(&r.verification_noise);
+            .unwrap_or(&r.verification_synthetic);
         log(&format!(
             "baseline {}: top-1 {} agreement {:.2}%",
             m.name(),

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{BnMode, CompressConfig};
 use crate::methods::{Method, MethodReport, RangeOrigin};
 use crate::quant::placement::{self, Plan};
-use crate::quant::{Scales, WeightClip, WeightScheme};
+use crate::quant::{BitSpec, Scales, WeightClip, WeightScheme};
 use crate::teacher::Teacher;
 use crate::verify::compare::Comparison;
 
@@ -55,6 +55,8 @@ pub struct Report {
     pub bn: BnMode,
     pub bn_folded: usize,
     pub seed: u64,
+    /// How pixels become the teacher's inputs, and where that came from.
+    pub input_domain: crate::teacher::InputDomain,
     pub placement: String,
     pub notes: Vec<String>,
     pub layers: Vec<placement::Layer>,
@@ -65,8 +67,11 @@ pub struct Report {
     pub training: Option<MethodReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub baselines: Vec<Baseline>,
-    /// On seeded noise inputs.
-    pub verification_noise: Comparison,
+    /// Why the student cannot be right (non-finite parameters, agreement with the teacher far
+    /// below what its bit widths give), or None when it passed; `compress` then exits 1.
+    pub self_check: Option<String>,
+    /// On inputs synthesized from the teacher alone.
+    pub verification_synthetic: Comparison,
     /// On the labelled data given with --data.
     pub verification_data: Option<Comparison>,
     pub wall_seconds: f64,
@@ -83,6 +88,8 @@ pub fn write_report(out: &Path, r: &Report) -> Result<PathBuf> {
 
 /// The provenance written into the student's metadata.
 pub fn metadata(teacher: &Teacher, cfg: &CompressConfig) -> Vec<(String, String)> {
+    let p = teacher.preprocess();
+    let triple = |v: [f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
     [
         ("datafree.version", env!("CARGO_PKG_VERSION").to_string()),
         ("datafree.method", cfg.method.name().to_string()),
@@ -94,6 +101,15 @@ pub fn metadata(teacher: &Teacher, cfg: &CompressConfig) -> Vec<(String, String)
         ("datafree.seed", cfg.seed.to_string()),
         ("datafree.scales", crate::cli_name(&cfg.scales)),
         ("datafree.teacher_sha256", teacher.model.sha256.clone()),
+        // The teacher's preprocessing travels with the student, so `eval` and `verify` feed
+        // it the same inputs without flags.
+        ("datafree.preprocess.mean", triple(p.mean)),
+        ("datafree.preprocess.std", triple(p.std)),
+        ("datafree.preprocess.scale", p.scale.to_string()),
+        (
+            "datafree.input_domain",
+            crate::cli_name_of(&teacher.domain.kind),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -110,12 +126,22 @@ pub fn notes(
     let mut notes = Vec::new();
     let fallback = origins
         .values()
-        .filter(|o| **o == RangeOrigin::NoiseFallback)
+        .filter(|o| {
+            matches!(
+                o,
+                RangeOrigin::NoiseFallback | RangeOrigin::SynthesizedFallback { .. }
+            )
+        })
         .count();
     if cfg.method == Method::PtqBn && fallback > 0 {
         notes.push(format!(
-            "ptq-bn: {fallback} of {} activation points are not reached by BN statistics and were calibrated on noise instead{}",
+            "ptq-bn: {fallback} of {} activation points are not reached by BN statistics and were calibrated on {} instead{}",
             plan.points.len(),
+            if teacher.has_bn_statistics() {
+                "inputs synthesized from the statistics"
+            } else {
+                "noise"
+            },
             if teacher.bn().bn_count == 0 {
                 " (the teacher has no BatchNormalization: BN was folded at export)"
             } else {
@@ -142,4 +168,46 @@ pub fn notes(
         );
     }
     notes
+}
+
+/// The lowest agreement with the teacher, on the synthesized inputs it classifies with
+/// confidence, that a student of `bits` can have and still be a working compression: far below
+/// what each width gives (measured in docs/results.md), so only a broken or collapsed student
+/// falls under it.
+pub fn agreement_floor(bits: BitSpec) -> f64 {
+    match bits.weights.min(bits.activations) {
+        8.. => 0.9,
+        7 => 0.85,
+        6 => 0.75,
+        5 => 0.6,
+        4 => 0.4,
+        _ => 0.2,
+    }
+}
+
+/// Refuses a student that cannot be right: non-finite parameters, or an agreement with the
+/// teacher below [`agreement_floor`].
+pub fn self_check(
+    student: &crate::onnx::LoadedModel,
+    bits: BitSpec,
+    v: &Comparison,
+) -> Option<String> {
+    if let Err(e) = crate::onnx::check::parameters(student) {
+        return Some(format!("the student has broken parameters: {e}"));
+    }
+    let floor = agreement_floor(bits);
+    let (agreement, what) = match &v.confident {
+        Some(k) if k.images > 0 => (
+            k.agreement,
+            "of the synthesized images the teacher classifies with confidence",
+        ),
+        _ => (v.agreement, "of the synthesized images"),
+    };
+    (agreement < floor).then(|| {
+        format!(
+            "the student agrees with the teacher on only {:.1}% {what}; a {bits} student should exceed {:.0}%: it is broken or collapsed (student.onnx is kept for inspection)",
+            100.0 * agreement,
+            100.0 * floor
+        )
+    })
 }

@@ -5,6 +5,7 @@
 
 pub mod calibrate;
 pub mod fake;
+pub mod moments;
 pub mod placement;
 mod weights;
 
@@ -168,6 +169,43 @@ impl QParams {
         }
     }
 
+    /// Like [`QParams::activation`] for a range known exactly (the network input's, from its
+    /// domain): the scale is rounded up, never down, so nothing in the range is clipped (with
+    /// `Scales::Exact` to a power of two at 8 bits, as every 8-bit scale: a longer significand
+    /// there would shorten the first layer's weight scales, which must keep its sums exact).
+    pub fn activation_covering(lo: f32, hi: f32, bits: u8, scales: Scales) -> Self {
+        let qmax = (1i32 << bits) - 1;
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        let round = |s: f32| match scales {
+            Scales::Exact if bits == 8 => ceil_mantissa(s.max(1e-8), 1),
+            Scales::Exact => ceil_mantissa(s.max(1e-8), ACTIVATION_SIGNIFICAND),
+            Scales::Free => s.max(1e-8),
+        };
+        if lo == 0.0 {
+            return Self {
+                scale: round(hi / qmax as f32),
+                zero_point: 0,
+                qmin: 0,
+                qmax,
+            };
+        }
+        // The zero point is rounded up (to even with exact scales) so the grid reaches `lo`;
+        // the levels that costs are taken from the top, so it still reaches `hi`.
+        let slack = if scales == Scales::Exact { 2 } else { 1 };
+        let scale = round((hi - lo) / (qmax - slack) as f32);
+        let ideal = -lo / scale;
+        let zero_point = match scales {
+            Scales::Exact => ((ideal / 2.0).ceil() as i32 * 2).clamp(0, qmax & !1),
+            Scales::Free => (ideal.ceil() as i32).clamp(0, qmax),
+        };
+        Self {
+            scale,
+            zero_point,
+            qmin: 0,
+            qmax,
+        }
+    }
+
     /// ONNX QuantizeLinear on one value.
     pub fn quantize(&self, x: f32) -> i32 {
         ((x / self.scale).round_ties_even() as i64 + self.zero_point as i64)
@@ -192,6 +230,39 @@ impl QParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn covering_grids_reach_both_ends_of_a_known_range() {
+        // Raw pixels: exactly one pixel per step.
+        let p = QParams::activation_covering(0.0, 255.0, 8, Scales::Exact);
+        assert_eq!((p.scale, p.zero_point), (1.0, 0));
+        for (lo, hi) in [(-2.1179, 2.64), (-2.4291, 2.7537), (-1.0, 1.0), (-0.3, 7.1)] {
+            for bits in [4u8, 6, 8] {
+                for scales in [Scales::Exact, Scales::Free] {
+                    let p = QParams::activation_covering(lo, hi, bits, scales);
+                    let (a, b) = p.bounds();
+                    assert!(
+                        a <= lo && b >= hi,
+                        "{lo}..{hi} at {bits} bits: grid {a}..{b}"
+                    );
+                    // And not much wider: the reserved steps plus the significand's rounding
+                    // (up to a factor 2 for the power-of-two scales at 8 bits).
+                    let rounding = if bits == 8 && scales == Scales::Exact {
+                        1.0
+                    } else {
+                        1.0 / 32.0
+                    };
+                    assert!(
+                        (b - a) - (hi - lo) <= 3.0 * p.scale + (hi - lo) * rounding,
+                        "{lo}..{hi}: {a}..{b}"
+                    );
+                    if scales == Scales::Exact {
+                        assert_eq!(p.zero_point % 2, 0);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn parses_bit_specs() {

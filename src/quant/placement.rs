@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use anyhow::{Result, ensure};
 use serde::Serialize;
 
-use super::BitSpec;
+use super::{BitSpec, QParams, Scales};
 use crate::onnx::graph::{GraphIndex, attr_float, attr_int, display_name};
 use crate::onnx::pb::ModelProto;
 
@@ -27,6 +27,16 @@ pub enum Role {
     LayerInput,
     /// A layer output kept at 8 bits so ONNX Runtime can fuse the layer.
     FusionOutput,
+}
+
+/// The grid of an activation point over `range`: the network input's range is known exactly
+/// (its domain), so its grid covers it; other ranges are estimates, rounded to the nearest
+/// short significand.
+pub fn point_params(role: Role, (lo, hi): (f32, f32), bits: u8, scales: Scales) -> QParams {
+    match role {
+        Role::NetworkInput => QParams::activation_covering(lo, hi, bits, scales),
+        _ => QParams::activation(lo, hi, bits, scales),
+    }
 }
 
 /// An activation tensor that gets QuantizeLinear -> DequantizeLinear.

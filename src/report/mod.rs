@@ -282,8 +282,8 @@ pub fn render_compress(r: &crate::pipeline::Report) -> String {
     if let Some(d) = &r.verification_data {
         comparison_lines(&mut o, d);
     }
-    comparison_lines(&mut o, &r.verification_noise);
-    fusion_speed_lines(&mut o, &r.verification_noise);
+    comparison_lines(&mut o, &r.verification_synthetic);
+    fusion_speed_lines(&mut o, &r.verification_synthetic);
     if let Some(t) = &r.training {
         let g = t.stage();
         let c = &g.config;
@@ -325,6 +325,9 @@ pub fn render_compress(r: &crate::pipeline::Report) -> String {
     }
     for n in &r.notes {
         let _ = writeln!(o, "  note: {n}");
+    }
+    if let Some(why) = &r.self_check {
+        let _ = writeln!(o, "  CHECK FAILED: {why}");
     }
     o
 }

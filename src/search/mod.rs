@@ -24,8 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::generator::autorecon::{AutoReconConfig, AutoReconGenerator, Mix, cell_edges};
 use crate::generator::params::{load_tensors, save_tensors};
+use crate::generator::to_domain;
 use crate::generator::{Generator, Genotype};
 use crate::lower::Program;
+use crate::teacher::InputDomain;
 use crate::train::engine::{self, LogLine, Step};
 use crate::train::losses::reconstruction;
 use crate::train::optim::{Adam, State};
@@ -201,6 +203,8 @@ pub struct SearchIo<'a> {
 struct Search<'a> {
     cfg: SearchConfig,
     teacher: &'a Program,
+    /// The teacher's input domain, where the supernet's images are put.
+    domain: &'a InputDomain,
     net: AutoReconGenerator,
     alpha: Vec<Vec<Var>>,
     weight_opt: Adam,
@@ -298,7 +302,7 @@ impl Search<'_> {
             Mix::One(i) => Mix::One(*i),
             Mix::Weights(w) => Mix::Weights(w.clone()),
         };
-        let images = self.net.forward_mixed(&z, &y, &pick)?;
+        let images = to_domain(&self.net.forward_mixed(&z, &y, &pick)?, self.domain)?;
         let t = self.teacher.forward_taps(&images)?;
         let (loss, cv, bv) =
             reconstruction(&t, self.teacher.bn_taps(), &y, self.cfg.bns_weight, iter)?;
@@ -401,6 +405,7 @@ pub fn search(
     teacher_name: &str,
     classes: usize,
     (channels, size): (usize, usize),
+    domain: &InputDomain,
     cfg: SearchConfig,
     io: &SearchIo,
 ) -> Result<(Genotype, SearchReport)> {
@@ -458,6 +463,7 @@ pub fn search(
         rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1)),
         cfg: cfg.clone(),
         teacher,
+        domain,
         net,
         alpha,
         weight_opt,

@@ -11,19 +11,34 @@ use serde::Serialize;
 
 use super::eval::{Accuracy, argmax, input_geometry};
 use super::ort_runtime;
-use crate::data::{Dataset, Preprocess};
+use super::synth::Synthesized;
+use crate::data::Dataset;
 use crate::device::HOST;
 use crate::onnx::LoadedModel;
 use crate::progress::progress;
+use crate::teacher::Teacher;
 
 /// Inputs to compare on.
 pub enum Inputs<'a> {
-    Data(&'a Dataset, &'a Preprocess),
-    /// Seeded N(0, 1) images.
-    Noise {
-        images: usize,
-        seed: u64,
-    },
+    /// Labelled data, preprocessed as the reference's domain says.
+    Data(&'a Dataset),
+    /// Seeded noise images in the reference's input domain.
+    Noise { images: usize, seed: u64 },
+    /// Images synthesized from the reference alone (data-free verification).
+    Synthesized(&'a Synthesized),
+}
+
+/// Reference confidence (top-class probability) above which a synthesized image counts as
+/// clearly classified.
+pub const CONFIDENT: f32 = 0.5;
+
+/// Agreement where the reference is sure of its prediction.
+#[derive(Debug, Clone, Serialize)]
+pub struct Confident {
+    /// The reference's top-class probability these images reach.
+    pub threshold: f32,
+    pub images: usize,
+    pub agreement: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +79,12 @@ pub struct Comparison {
     pub reference_top1: Option<f64>,
     /// reference top-1 minus student top-1, in points.
     pub top1_drop: Option<f64>,
+    /// Mean over images of |centered student logits - centered reference logits| /
+    /// |centered reference logits| (0: the same predictions with the same margins).
+    pub logit_error: f64,
+    /// On synthesized inputs: the agreement where the reference is confident.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confident: Option<Confident>,
     /// Our simulation vs ORT, or why it could not run.
     pub simulation: std::result::Result<Simulation, String>,
     pub fusion: std::result::Result<Fusion, String>,
@@ -73,12 +94,18 @@ pub struct Comparison {
 /// Compares `student` with `reference` on `inputs`.
 pub fn compare(
     student: &LoadedModel,
-    reference: &LoadedModel,
+    teacher: &Teacher,
     inputs: &Inputs,
     batch: usize,
     simulate: bool,
 ) -> Result<Comparison> {
-    let (classes, c, h, w) = input_geometry(reference)?;
+    let reference = &teacher.model;
+    let (classes, c, h, w) = (
+        teacher.classes,
+        teacher.channels,
+        teacher.height,
+        teacher.width,
+    );
     let (sc, ..) = input_geometry(student)?;
     anyhow::ensure!(
         sc == classes,
@@ -94,9 +121,13 @@ pub fn compare(
         Err("not requested".to_string())
     };
     let (n, desc) = match inputs {
-        Inputs::Data(d, _) => (d.len(), d.source.clone()),
-        Inputs::Noise { images, seed } => (*images, format!("N(0,1) noise, seed {seed}")),
+        Inputs::Data(d) => (d.len(), d.source.clone()),
+        Inputs::Noise { images, seed } => {
+            (*images, format!("noise in the input domain, seed {seed}"))
+        }
+        Inputs::Synthesized(s) => (s.images, s.describe()),
     };
+    let (mut err_sum, mut conf_n, mut conf_agree) = (0.0f64, 0usize, 0usize);
     let (mut sa, mut ra) = (Accuracy::new(classes), Accuracy::new(classes));
     let (mut agree, mut sim_agree, mut sim_diff) = (0usize, 0usize, 0.0f64);
     let mut sim_err: Option<String> = sim.as_ref().err().cloned();
@@ -106,24 +137,36 @@ pub fn compare(
         let end = (start + batch).min(n);
         let shape = [end - start, c, h, w];
         let x: Vec<f32> = match inputs {
-            Inputs::Data(d, pre) => pre.batch(d, start..end),
-            Inputs::Noise { seed, .. } => {
-                crate::quant::calibrate::noise(&shape, seed.wrapping_add(start as u64), &HOST)?
-                    .flatten_all()?
-                    .to_vec1()?
+            Inputs::Data(d) => teacher.preprocess().batch(d, start..end),
+            Inputs::Noise { seed, .. } => teacher
+                .domain
+                .noise(&shape, seed.wrapping_add(start as u64)),
+            Inputs::Synthesized(s) => {
+                let per = c * h * w;
+                s.x[start * per..end * per].to_vec()
             }
         };
         let (_, so) = ort_runtime::run_f32(&mut s, &shape, &x)?;
         let (_, ro) = ort_runtime::run_f32(&mut r, &shape, &x)?;
-        if let Inputs::Data(d, _) = inputs {
+        if let Inputs::Data(d) = inputs {
             sa.add(&so, &d.labels[start..end]);
             ra.add(&ro, &d.labels[start..end]);
         }
-        agree += so
+        for (k, (a, b)) in so
             .chunks_exact(classes)
             .zip(ro.chunks_exact(classes))
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count();
+            .enumerate()
+        {
+            let same = argmax(a) == argmax(b);
+            agree += same as usize;
+            err_sum += logit_error(a, b);
+            if let Inputs::Synthesized(s) = inputs
+                && s.confidence[start + k] >= CONFIDENT
+            {
+                conf_n += 1;
+                conf_agree += same as usize;
+            }
+        }
         if let (Ok(p), None) = (&sim, &sim_err) {
             match p
                 .forward(&Tensor::from_slice(&x, &shape, &HOST)?)
@@ -163,9 +206,7 @@ pub fn compare(
         });
     let speed = (|| -> Result<Speed> {
         let shape = [64, c, h, w];
-        let x: Vec<f32> = crate::quant::calibrate::noise(&shape, 1, &HOST)?
-            .flatten_all()?
-            .to_vec1()?;
+        let x: Vec<f32> = teacher.domain.noise(&shape, 1);
         let reference_ms = ort_runtime::time_runs(&mut r, &shape, &x, 10)?;
         let student_ms = ort_runtime::time_runs(&mut s, &shape, &x, 10)?;
         Ok(Speed {
@@ -183,6 +224,12 @@ pub fn compare(
         student_top1: labelled.then(|| sa.top1()),
         reference_top1: labelled.then(|| ra.top1()),
         top1_drop: labelled.then(|| ra.top1() - sa.top1()),
+        logit_error: err_sum / n.max(1) as f64,
+        confident: matches!(inputs, Inputs::Synthesized(_)).then(|| Confident {
+            threshold: CONFIDENT,
+            images: conf_n,
+            agreement: conf_agree as f64 / conf_n.max(1) as f64,
+        }),
         simulation: match sim_err {
             Some(e) => Err(e),
             None => Ok(Simulation {
@@ -193,4 +240,17 @@ pub fn compare(
         fusion,
         speed,
     })
+}
+
+/// |centered a - centered b| / |centered b| for one image's logits (softmax ignores a shift).
+pub fn logit_error(a: &[f32], b: &[f32]) -> f64 {
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let (ma, mb) = (mean(a), mean(b));
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64 - ma, y as f64 - mb);
+        num += (x - y).powi(2);
+        den += y * y;
+    }
+    (num / den.max(1e-30)).sqrt()
 }

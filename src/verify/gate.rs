@@ -22,24 +22,60 @@ pub struct GateReport {
     pub comparison: Comparison,
 }
 
-/// Applies the thresholds to a comparison.
-pub fn checks(
-    c: &Comparison,
-    min_agreement: f64,
-    max_top1_drop: f64,
-    max_sim_diff: Option<f64>,
-) -> Vec<Check> {
-    let mut v = vec![Check {
-        name: "agreement".into(),
-        pass: c.agreement >= min_agreement,
-        detail: format!(
-            "student and reference predict the same class on {:.2}% of {} images ({}); required {:.2}%",
-            100.0 * c.agreement,
-            c.images,
-            c.inputs,
-            100.0 * min_agreement
-        ),
+/// The default bound on the mean relative logit error on synthesized inputs.
+pub const MAX_LOGIT_ERROR: f64 = 0.25;
+
+/// What the gate requires.
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    pub min_agreement: f64,
+    pub max_top1_drop: f64,
+    /// Applies to synthesized inputs (without data).
+    pub max_logit_error: f64,
+    pub max_sim_diff: Option<f64>,
+}
+
+/// Applies the thresholds to a comparison: on labelled data agreement and top-1 drop; on
+/// synthesized inputs agreement where the reference is confident, and the logit error.
+pub fn checks(c: &Comparison, t: &Thresholds) -> Vec<Check> {
+    let (min_agreement, max_top1_drop, max_sim_diff) =
+        (t.min_agreement, t.max_top1_drop, t.max_sim_diff);
+    let mut v = vec![match &c.confident {
+        Some(k) => Check {
+            name: "agreement".into(),
+            pass: k.images > 0 && k.agreement >= min_agreement,
+            detail: format!(
+                "student and reference predict the same class on {:.2}% of the {} images the reference classifies with confidence >= {} ({} in all: {}); required {:.2}%",
+                100.0 * k.agreement,
+                k.images,
+                k.threshold,
+                c.images,
+                c.inputs,
+                100.0 * min_agreement
+            ),
+        },
+        None => Check {
+            name: "agreement".into(),
+            pass: c.agreement >= min_agreement,
+            detail: format!(
+                "student and reference predict the same class on {:.2}% of {} images ({}); required {:.2}%",
+                100.0 * c.agreement,
+                c.images,
+                c.inputs,
+                100.0 * min_agreement
+            ),
+        },
     }];
+    if c.confident.is_some() {
+        v.push(Check {
+            name: "logit_error".into(),
+            pass: c.logit_error <= t.max_logit_error,
+            detail: format!(
+                "mean relative logit error {:.4}; allowed {:.4}",
+                c.logit_error, t.max_logit_error
+            ),
+        });
+    }
     if let (Some(d), Some(s), Some(r)) = (c.top1_drop, c.student_top1, c.reference_top1) {
         v.push(Check {
             name: "top1_drop".into(),

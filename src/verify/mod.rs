@@ -7,4 +7,5 @@ pub mod engine;
 pub mod eval;
 pub mod gate;
 pub mod ort_runtime;
+pub mod synth;
 pub mod tract_runtime;

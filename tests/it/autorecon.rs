@@ -380,7 +380,7 @@ fn search_is_deterministic_resumes_bit_for_bit_and_feeds_compress() {
         assert_eq!(r["training"]["config"]["genotype"]["width"], 4);
         assert!(r["training"]["generator_macs"].as_u64().unwrap() > 0);
         assert!(out.join("student.onnx").exists() && out.join("samples-000004.png").exists());
-        assert!(r["verification_noise"]["agreement"].as_f64().unwrap() > 0.0);
+        assert!(r["verification_synthetic"]["agreement"].as_f64().unwrap() > 0.0);
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 mod common;
+mod families;
 mod fixtures;
 
 mod autorecon;

@@ -150,8 +150,8 @@ pub struct Io<'a> {
     pub resume: Option<&'a Path>,
     pub checkpoint_every: usize,
     pub grid_every: usize,
-    /// De-normalisation of sample grids: (mean, std) per channel.
-    pub denorm: Option<(Vec<f32>, Vec<f32>)>,
+    /// The teacher's input domain: where generated images live, and how grids show them.
+    pub domain: &'a crate::teacher::InputDomain,
     /// Fails after this many iterations (simulates a crash for resume tests).
     pub stop_after: Option<usize>,
     /// Evaluates the fake-quantized student (top-1 %) at the given interval.

@@ -18,8 +18,9 @@ use crate::generator::Generator;
 use crate::generator::params::{load_tensors, save_tensors};
 use crate::lower::Program;
 use crate::quant::fake::{LearnedRange, fake_quant_activation, fake_quant_learned};
-use crate::quant::placement::Plan;
-use crate::quant::{QParams, Scales, clip_weight};
+use crate::quant::placement::{Plan, Role, point_params};
+use crate::quant::{Scales, clip_weight};
+use crate::teacher::InputDomain;
 use crate::train::engine::{self, Step, finite};
 use crate::train::losses::{feature_loss, reconstruction};
 use crate::train::optim::{Adam, Sgd, State};
@@ -70,7 +71,8 @@ impl Run<'_> {
         for p in &self.plan.points {
             let (lo, hi) = self.ranges[&p.tensor];
             let (bits, scales) = (p.bits, self.scales);
-            if self.cfg.range_lr > 0.0 {
+            // The network input's range is its domain's, known exactly: it never trains.
+            if self.cfg.range_lr > 0.0 && p.role != Role::NetworkInput {
                 let r = LearnedRange::new(lo, hi, &self.device)?;
                 self.learned.push((p.tensor.clone(), r.clone()));
                 self.student.set_transform(
@@ -78,7 +80,7 @@ impl Run<'_> {
                     Arc::new(move |x| fake_quant_learned(x, &r, bits, scales)),
                 )?;
             } else {
-                let q = QParams::activation(lo, hi, bits, scales);
+                let q = point_params(p.role, (lo, hi), bits, scales);
                 self.student
                     .set_transform(&p.tensor, Arc::new(move |x| fake_quant_activation(x, q)))?;
             }
@@ -176,7 +178,7 @@ impl Step for Run<'_> {
             self.classes,
             &self.device,
         )?;
-        let images = self.generator.forward(&z, &y)?;
+        let images = crate::generator::to_domain(&self.generator.forward(&z, &y)?, self.io.domain)?;
         let (t, teacher_features) = self.teacher.forward_taps_tensors(&images, &self.features)?;
         let (loss_g, ce_v, bns_v) =
             reconstruction(&t, self.teacher.bn_taps(), &y, cfg.bns_weight, iter)?;
@@ -259,7 +261,7 @@ impl Step for Run<'_> {
                 self.generator.as_ref(),
                 &p,
                 self.classes,
-                &self.io.denorm,
+                self.io.domain,
                 &self.device,
             )?;
         }
@@ -353,12 +355,13 @@ pub(super) fn clamp_var(
     Ok(c)
 }
 
-/// Samples a grid: one row per class (up to 10 classes), 8 images each, from fixed latents.
+/// Samples a grid: one row per class (up to 10 classes), 8 images each, from fixed latents,
+/// shown as the pixels the teacher's domain maps them back to.
 fn save_samples(
     g: &dyn Generator,
     path: &Path,
     classes: usize,
-    denorm: &Option<(Vec<f32>, Vec<f32>)>,
+    domain: &InputDomain,
     device: &Device,
 ) -> Result<()> {
     let (rows, cols) = (classes.min(10), 8);
@@ -368,9 +371,12 @@ fn save_samples(
         .map(|_| StandardNormal.sample(&mut r))
         .collect();
     let y: Vec<u32> = (0..n).map(|i| (i / cols) as u32).collect();
-    let x = g.forward(
-        &Tensor::from_vec(z, (n, g.latent()), device)?,
-        &Tensor::from_vec(y, n, device)?,
+    let x = crate::generator::to_domain(
+        &g.forward(
+            &Tensor::from_vec(z, (n, g.latent()), device)?,
+            &Tensor::from_vec(y, n, device)?,
+        )?,
+        domain,
     )?;
     let (c, h) = g.image();
     let w = h;
@@ -378,27 +384,13 @@ fn save_samples(
     let images: Vec<Vec<u8>> = v
         .chunks(c * h * w)
         .map(|img| {
-            let chan = |k: usize| &img[(k % c) * h * w..][..h * w];
-            let mut out = Vec::with_capacity(3 * h * w);
-            for k in 0..3 {
-                let p = chan(k);
-                let px: Vec<f32> = match denorm {
-                    Some((m, s)) => p
+            (0..3)
+                .flat_map(|k| {
+                    img[(k % c) * h * w..][..h * w]
                         .iter()
-                        .map(|v| (v * s[k % s.len()] + m[k % m.len()]) * 255.0)
-                        .collect(),
-                    None => {
-                        let (lo, hi) = img
-                            .iter()
-                            .fold((f32::MAX, f32::MIN), |a, &v| (a.0.min(v), a.1.max(v)));
-                        p.iter()
-                            .map(|v| (v - lo) / (hi - lo).max(1e-6) * 255.0)
-                            .collect()
-                    }
-                };
-                out.extend(px.iter().map(|v| v.clamp(0.0, 255.0).round() as u8));
-            }
-            out
+                        .map(move |&x| domain.to_pixel(x, k).clamp(0.0, 255.0).round() as u8)
+                })
+                .collect()
         })
         .collect();
     let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
