@@ -186,7 +186,7 @@ impl CompressArgs {
         let train = self.gdfq.config(self.seed, self.method.trains())?;
         let search_preset = match self.gdfq.preset {
             Preset::Paper => SearchPreset::Paper,
-            Preset::Quick => SearchPreset::Quick,
+            Preset::Quick | Preset::Tiny => SearchPreset::Quick,
         };
         let search = if self.method == Method::Autorecon && self.autorecon.genotype.is_none() {
             self.autorecon.search.config(search_preset, self.seed)?
@@ -246,8 +246,9 @@ impl CompressArgs {
 pub struct GdfqArgs {
     /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 35-50 min on 2 CPU
     /// cores for a CIFAR ResNet-20; distillation only at student lr 1e-3, ranges from BN
-    /// statistics then learned, weights MSE-clipped) or `paper` (the reference: 400 x 200,
-    /// batch 200, KD + CE at lr 1e-4, EMA ranges, frozen after warm-up).
+    /// statistics then learned, weights MSE-clipped), `tiny` (6 x 50 at batch 32, lr 1e-4: a
+    /// minute for the quick-start teacher) or `paper` (the reference: 400 x 200, batch 200,
+    /// KD + CE at lr 1e-4, EMA ranges, frozen after warm-up).
     #[arg(long, value_enum, default_value_t = Preset::Quick)]
     pub preset: Preset,
     #[arg(long)]
@@ -281,6 +282,11 @@ pub struct GdfqArgs {
     /// Weight of the BNS loss in the generator's objective.
     #[arg(long)]
     pub bns_weight: Option<f64>,
+    /// Units of the BNS loss: `plain` (the references': raw means and variances), `relative`
+    /// (each BN layer in its own units) or `auto` (relative for teachers whose inputs are in
+    /// pixel units, where the plain loss is all first layer) [default: auto].
+    #[arg(long, value_enum)]
+    pub bns_units: Option<crate::train::losses::BnsUnits>,
     /// Weight of the student's cross-entropy with the sampled labels [default: 0 quick, 1 paper
     /// (the reference)].
     #[arg(long)]
@@ -348,6 +354,7 @@ impl GdfqArgs {
         set(&mut c.generator, &self.generator);
         set(&mut c.generator_lr, &self.generator_lr);
         set(&mut c.bns_weight, &self.bns_weight);
+        set(&mut c.bns_units, &self.bns_units);
         set(&mut c.temperature, &self.temperature);
         set(&mut c.student_ce_weight, &self.student_ce_weight);
         set(&mut c.feature_weight, &self.feature_weight);

@@ -263,12 +263,25 @@ pub fn build_student(
                         bias.as_deref(),
                     );
                     if !exact {
-                        inexact_layers.push(l.node.clone());
+                        inexact_layers.push(format!(
+                            "{} ({}): its sums cannot stay below 2^24 units at these scales",
+                            l.node, l.op
+                        ));
                     }
                     q
                 }
-                _ => {
-                    inexact_layers.push(l.node.clone());
+                (Scales::Exact, None) => {
+                    inexact_layers.push(format!(
+                        "{} ({}): its input is not quantized, so its float sums depend on the engine's order",
+                        l.node, l.op
+                    ));
+                    quantize_weight(&rows, channels, l.weight_bits, scheme)
+                }
+                (Scales::Free, _) => {
+                    inexact_layers.push(format!(
+                        "{} ({}): --scales free (float rounding differs between engines)",
+                        l.node, l.op
+                    ));
                     quantize_weight(&rows, channels, l.weight_bits, scheme)
                 }
             };
@@ -525,4 +538,44 @@ pub fn with_initializers(
         values.len()
     );
     Ok(out)
+}
+
+/// Nodes of a QDQ student that compute in float between quantized tensors where engines may
+/// round differently (transcendental and piecewise-linear activations with float constants,
+/// products, divisions, averages over areas that are not powers of two, BatchNormalization
+/// kept), each with the reason. `area` gives, by node name, the spatial size a
+/// GlobalAveragePool or ReduceMean averages over.
+pub fn inexact_float_ops(
+    student: &ModelProto,
+    area: &dyn Fn(&str) -> Option<usize>,
+) -> Vec<String> {
+    let graph = student.graph.as_ref().expect("validated");
+    let mut out = Vec::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        let why = match n.op_type.as_str() {
+            "HardSwish" | "HardSigmoid" | "Sigmoid" | "Tanh" | "Softmax" | "LogSoftmax" | "Elu"
+            | "Selu" | "Softplus" | "Mish" | "Erf" | "Exp" | "Log" | "Pow" | "Sqrt" => {
+                Some("a float activation; engines may round it differently")
+            }
+            "Mul" | "Div" => Some("a float product; engines may round it differently"),
+            "BatchNormalization" => Some("BatchNormalization kept in float"),
+            "AveragePool" => {
+                let k: i64 = crate::onnx::graph::attr_ints(n, "kernel_shape")
+                    .unwrap_or_default()
+                    .iter()
+                    .product();
+                (k <= 0 || !(k as u64).is_power_of_two())
+                    .then_some("averages over an area that is not a power of two")
+            }
+            "GlobalAveragePool" | "ReduceMean" => match area(&display_name(n, i)) {
+                Some(a) if a.is_power_of_two() => None,
+                _ => Some("averages over an area that is not a power of two"),
+            },
+            _ => None,
+        };
+        if let Some(why) = why {
+            out.push(format!("{} ({}): {why}", display_name(n, i), n.op_type));
+        }
+    }
+    out
 }

@@ -19,7 +19,7 @@ pub mod upsample;
 use candle_core::{CpuStorage, Device, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use activation::{leaky_relu, relu};
+pub use activation::{clamp, leaky_relu, relu};
 pub use channel::{channel_affine, channel_moments, channel_sum};
 pub use conv::{Conv2dSpec, conv2d};
 pub use pool::{Pool2dSpec, pool2d};

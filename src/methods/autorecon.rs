@@ -98,6 +98,10 @@ pub fn search(
             .map_or(String::new(), |r| format!(" (resuming {})", r.display()))
     ));
     let tp = teacher.program(device)?;
+    let cfg = SearchConfig {
+        bns_units: cfg.bns_units.resolve(&teacher.domain),
+        ..cfg
+    };
     let r = crate::search::search(
         &tp,
         &teacher.name(),

@@ -12,7 +12,10 @@ use super::{Context, MethodOutput, MethodReport, RangeOrigin};
 use crate::quant::calibrate::Ranges;
 use crate::quant::placement::Plan;
 use crate::search::SearchReport;
-use crate::train::gdfq::{self, Config as TrainConfig, GeneratorFamily, Metrics, RangeSource};
+use crate::teacher::Teacher;
+use crate::train::gdfq::{
+    self, Config as TrainConfig, FoldSource, GeneratorFamily, Metrics, RangeSource, StudentWeight,
+};
 
 /// What the generator-and-student stage did (report.json's `training`).
 #[derive(Debug, Clone, Serialize)]
@@ -35,10 +38,19 @@ pub fn run(
     autorecon: Option<(TrainConfig, Option<SearchReport>)>,
     log: &mut dyn FnMut(&str),
 ) -> Result<MethodOutput> {
-    let (cfg, search) = match autorecon {
+    let (mut cfg, search) = match autorecon {
         Some((c, s)) => (c, Some(s)),
         None => (ctx.train.clone(), None),
     };
+    let asked = cfg.bns_units;
+    cfg.bns_units = asked.resolve(&ctx.teacher.domain);
+    if asked != cfg.bns_units {
+        log(&format!(
+            "gdfq: BNS units {} (the teacher's inputs are {}; --bns-units plain for the references' loss)",
+            crate::cli_name(&cfg.bns_units),
+            crate::cli_name_of(&ctx.teacher.domain.kind)
+        ));
+    }
     let (mut fixed, mut origins) = match cfg.range_source {
         RangeSource::Bn => super::ptq::bn_statistics_ranges(ctx),
         RangeSource::Ema => (Ranges::new(), HashMap::new()),
@@ -105,7 +117,7 @@ fn train(
     // rescales each channel's effective learning rate by 1/s^2 (s = gamma/sigma) and was measured
     // to lose accuracy (cifar10_resnet20 w4a4: 87.0 -> 83.2 within 200 iterations).
     let unfolded = if ctx.bn_folded {
-        teacher_weights(&teacher.model.proto, ctx.plan)
+        teacher_weights(teacher, ctx.plan)
     } else {
         None
     };
@@ -119,7 +131,16 @@ fn train(
             ctx.plan
                 .layers
                 .iter()
-                .map(|l| (l.weight.clone(), l.weight.clone()))
+                .map(|l| {
+                    (
+                        l.weight.clone(),
+                        StudentWeight {
+                            var: l.weight.clone(),
+                            fold: None,
+                            bias: l.bias.clone(),
+                        },
+                    )
+                })
                 .collect(),
         ),
     };
@@ -219,34 +240,64 @@ fn train(
     Ok((outcome.ranges, trained, report))
 }
 
-/// The teacher initializer behind each planned layer weight: BN-folded weights are named
-/// "<conv>.folded_weight" after the teacher's conv node; other weights keep their names. None
-/// when some layer cannot be traced.
-fn teacher_weights(
-    teacher: &crate::onnx::pb::ModelProto,
-    plan: &Plan,
-) -> Option<HashMap<String, String>> {
-    let graph = teacher.graph.as_ref()?;
-    let inits: std::collections::HashSet<&str> =
-        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+/// The teacher parameters behind each planned layer weight: BN-folded weights are named
+/// "<conv>.folded_weight" after the teacher's conv node, whose weight, bias and folded BN train
+/// in the teacher's parametrization; other weights keep their names. None when some layer
+/// cannot be traced.
+fn teacher_weights(teacher: &Teacher, plan: &Plan) -> Option<HashMap<String, StudentWeight>> {
+    let graph = teacher.model.graph();
+    let g = crate::onnx::graph::GraphIndex::new(graph);
     plan.layers
         .iter()
         .map(|l| {
-            let name = match l.weight.strip_suffix(".folded_weight") {
-                Some(node) => graph
-                    .node
-                    .iter()
-                    .enumerate()
-                    .find(|(i, n)| crate::onnx::graph::display_name(n, *i) == node)?
-                    .1
-                    .input
-                    .get(1)?
-                    .clone(),
-                None => l.weight.clone(),
+            let Some(node) = l.weight.strip_suffix(".folded_weight") else {
+                return g.is_initializer(&l.weight).then(|| {
+                    (
+                        l.weight.clone(),
+                        StudentWeight {
+                            var: l.weight.clone(),
+                            fold: None,
+                            bias: l.bias.clone(),
+                        },
+                    )
+                });
             };
-            inits
-                .contains(name.as_str())
-                .then(|| (l.weight.clone(), name))
+            let (_, conv) = graph
+                .node
+                .iter()
+                .enumerate()
+                .find(|(i, n)| crate::onnx::graph::display_name(n, *i) == node)?;
+            let var = conv.input.get(1)?.clone();
+            let bias = conv
+                .input
+                .get(2)
+                .filter(|b| !b.is_empty() && g.is_initializer(b))
+                .cloned();
+            // The BN fold_bn folded: the one reading the conv's output.
+            let bn = g.consumers(conv.output.first()?).iter().find_map(|&b| {
+                let n = g.node(b);
+                (n.op_type == "BatchNormalization").then_some(b)
+            })?;
+            let bn_node = g.node(bn);
+            let layer = teacher.bn().layers.iter().find(|x| x.node_index == bn)?;
+            let stats = layer.stats.as_ref()?;
+            let fold = FoldSource {
+                gamma: bn_node.input.get(1)?.clone(),
+                beta: bn_node.input.get(2)?.clone(),
+                mean: stats.running_mean.clone(),
+                var: stats.running_var.clone(),
+                eps: layer.epsilon,
+            };
+            g.is_initializer(&var).then(|| {
+                (
+                    l.weight.clone(),
+                    StudentWeight {
+                        var,
+                        fold: Some(fold),
+                        bias,
+                    },
+                )
+            })
         })
         .collect()
 }

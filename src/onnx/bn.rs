@@ -349,7 +349,14 @@ fn convs_without_bn(g: &GraphIndex, bn_nodes: &[usize]) -> (Vec<String>, Vec<Str
         bn_downstream(
             g,
             &n.output[0],
-            |op| is_passthrough(op) || is_activation(op) || matches!(op, "Add" | "Sub" | "Mul"),
+            |op| {
+                is_passthrough(op)
+                    || is_activation(op)
+                    || matches!(
+                        op,
+                        "Add" | "Sub" | "Mul" | "Concat" | "AveragePool" | "MaxPool"
+                    )
+            },
             4,
             &mut found,
         );

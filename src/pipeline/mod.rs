@@ -169,7 +169,7 @@ pub fn compress(
     }
     let export::Student {
         model: student,
-        inexact_layers,
+        mut inexact_layers,
     } = export::build_student(
         &student_float,
         &plan,
@@ -181,6 +181,10 @@ pub fn compress(
         },
         &report::metadata(teacher, cfg),
     )?;
+    let areas = pooled_areas(&student_float, teacher)?;
+    inexact_layers.extend(export::inexact_float_ops(&student, &|n| {
+        areas.get(n).copied()
+    }));
     let student_path = out.join("student.onnx");
     crate::onnx::builder::write_model(&student_path, &student)?;
     let student_model = crate::onnx::load_model(&student_path)?;
@@ -321,4 +325,42 @@ pub fn prepare_out_dir(dir: &Path, force: bool) -> Result<()> {
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))
+}
+
+/// The spatial area each GlobalAveragePool / ReduceMean of `model` averages over (by node
+/// name), from one forward pass.
+fn pooled_areas(
+    model: &crate::onnx::LoadedModel,
+    teacher: &Teacher,
+) -> Result<std::collections::HashMap<String, usize>> {
+    let graph = model.graph();
+    let nodes: Vec<(String, String)> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.op_type.as_str(), "GlobalAveragePool" | "ReduceMean"))
+        .filter_map(|(i, n)| {
+            Some((
+                crate::onnx::graph::display_name(n, i),
+                n.input.first()?.clone(),
+            ))
+        })
+        .collect();
+    if nodes.is_empty() {
+        return Ok(Default::default());
+    }
+    let p = crate::lower::lower(model, &crate::device::HOST, candle_core::DType::F32)?;
+    let shape = teacher.input_shape(1);
+    let x = candle_core::Tensor::from_vec(
+        teacher.domain.noise(&shape, 0),
+        shape.to_vec(),
+        &crate::device::HOST,
+    )?;
+    let names: Vec<String> = nodes.iter().map(|(_, t)| t.clone()).collect();
+    let (_, ts) = p.forward_tensors(&x, &names)?;
+    Ok(nodes
+        .into_iter()
+        .zip(ts)
+        .map(|((n, _), t)| (n, t.dims().iter().skip(2).product()))
+        .collect())
 }

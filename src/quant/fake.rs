@@ -55,6 +55,88 @@ pub fn fake_quant_weight(
     Ok((q + (w - w.detach())?)?)
 }
 
+/// A BatchNormalization the export folds into a layer: per output channel `a` = gamma /
+/// sqrt(var + eps) and the folded bias `(bias - mean) * a + beta`, computed as the export does.
+#[derive(Debug, Clone)]
+pub struct Fold {
+    pub a: Vec<f64>,
+    pub bias: Vec<f32>,
+}
+
+impl Fold {
+    /// From the BN's current values and the layer's own bias (zeros when it has none).
+    pub fn new(
+        gamma: &[f32],
+        beta: &[f32],
+        mean: &[f32],
+        var: &[f32],
+        eps: f32,
+        bias: &[f32],
+    ) -> Self {
+        let a: Vec<f64> = gamma
+            .iter()
+            .zip(var)
+            .map(|(&g, &v)| g as f64 / (v as f64 + eps as f64).sqrt())
+            .collect();
+        let bias = (0..a.len())
+            .map(|o| {
+                let b0 = bias.get(o).copied().unwrap_or(0.0) as f64;
+                ((b0 - mean[o] as f64) * a[o] + beta[o] as f64) as f32
+            })
+            .collect();
+        Self { a, bias }
+    }
+}
+
+/// Straight-through fake quantization of a weight on exactly the grid the export will give it:
+/// the weight folded with `fold` (when its BN is folded at export), quantized per channel with
+/// the exact scales of `input` (the layer's input grid) and `bias`
+/// ([`super::quantize_weight_exact`]), then unfolded again, so the trained student is the one
+/// exported.
+pub fn fake_quant_weight_exact(
+    w: &Tensor,
+    axis: usize,
+    bits: u8,
+    scheme: WeightScheme,
+    fold: Option<&Fold>,
+    bias: Option<&[f32]>,
+    input: &QParams,
+) -> Result<Tensor> {
+    let v: Vec<f32> = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    let dims = w.dims();
+    let channels = dims[axis];
+    let orig = channel_major(&v, dims, axis);
+    let mut rows = orig.clone();
+    let per = rows.len() / channels.max(1);
+    if let Some(f) = fold {
+        for (row, &a) in rows.chunks_mut(per.max(1)).zip(&f.a) {
+            for x in row {
+                *x = (*x as f64 * a) as f32;
+            }
+        }
+    }
+    let bias = fold.map(|f| f.bias.as_slice()).or(bias);
+    let (q, _) = super::quantize_weight_exact(&rows, channels, bits, scheme, input, bias);
+    let deq: Vec<f32> = q
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let c = i / per.max(1);
+            let d = (x as i32 - q.zero_points[c] as i32) as f32 * q.scales[c];
+            match fold {
+                // A channel the BN zeroes keeps its float weight: nothing reaches the output.
+                Some(f) if f.a[c] != 0.0 => (d as f64 / f.a[c]) as f32,
+                Some(_) => orig[i],
+                None => d,
+            }
+        })
+        .collect();
+    let q = Tensor::from_vec(from_channel_major(&deq, dims, axis), dims, w.device())?
+        .to_dtype(w.dtype())?;
+    Ok((q + (w - w.detach())?)?)
+}
+
 struct Activation(QParams);
 
 impl CustomOp1 for Activation {

@@ -5,7 +5,8 @@
 //! - moments flow forward through elementwise activations (ReLU in closed form; Clip/ReLU6,
 //!   LeakyReLU, PReLU, HardSigmoid, HardSwish, Sigmoid, Tanh by quadrature, with their output
 //!   bounds), sums and differences, products with constants or gates (squeeze-excitation),
-//!   channel concatenation and padding, pooling and reshapes;
+//!   channel concatenation and padding, windowed pooling and reshapes (not global pooling,
+//!   whose spread depends on spatial correlation the statistics do not give);
 //! - where a BN describes a sum (pre-activation nets: BN after the residual Add) and one
 //!   operand is known, the other gets the sum's spread around the remaining mean.
 //!
@@ -262,6 +263,44 @@ pub fn propagate(
             m.insert(name.clone(), o);
         }
     }
+    // A BN after a concatenation describes its parts: an unknown part takes its channels of
+    // the whole (dense blocks: each layer's output is normalized by the next layer's BN).
+    for n in graph
+        .node
+        .iter()
+        .rev()
+        .filter(|n| n.op_type == "Concat" && attr_int(n, "axis", 1) == 1)
+    {
+        let Some(s) = n.output.first().and_then(|o| m.get(o)).cloned() else {
+            continue;
+        };
+        let unknown: Vec<&String> = n.input.iter().filter(|i| !m.contains_key(*i)).collect();
+        if unknown.len() != 1 {
+            continue;
+        }
+        let mut at = 0;
+        for i in &n.input {
+            match m.get(i) {
+                Some(k) => at += k.channels(),
+                None => {
+                    let known: usize = n
+                        .input
+                        .iter()
+                        .filter_map(|x| m.get(x))
+                        .map(Moments::channels)
+                        .sum();
+                    let len = s.channels().saturating_sub(known);
+                    if len == 0 {
+                        break;
+                    }
+                    let part =
+                        Moments::new(s.mean[at..at + len].to_vec(), s.var[at..at + len].to_vec());
+                    m.insert(i.clone(), part);
+                    break;
+                }
+            }
+        }
+    }
     // A BN after a sum describes the sum: an unknown operand takes the sum's spread around the
     // mean the known operand leaves (pre-activation residual branches).
     for n in graph.node.iter().rev().filter(|n| n.op_type == "Add") {
@@ -387,8 +426,19 @@ fn forward(
             }
             Some(out)
         }
-        "Identity" | "Dropout" | "MaxPool" | "AveragePool" | "GlobalAveragePool"
-        | "GlobalMaxPool" | "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => get(0),
+        // Small windows keep the per-pixel statistics (a conservative range). A global pool's
+        // spread is the spread of image means, which the per-pixel statistics cannot tell
+        // (it depends on how correlated the pixels are): left to observation.
+        "AveragePool" => {
+            let area: i64 = attr_ints(n, "kernel_shape")
+                .unwrap_or_default()
+                .iter()
+                .product();
+            if area < 16 { get(0) } else { None }
+        }
+        "Identity" | "Dropout" | "MaxPool" | "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => {
+            get(0)
+        }
         // Spatial slicing keeps the channels; channel padding (option-A shortcuts) adds zeros.
         "Slice" => get(0),
         "Pad" => get(0).map(|x| pad_channels(g, n, x)),

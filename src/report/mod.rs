@@ -265,20 +265,24 @@ pub fn render_compress(r: &crate::pipeline::Report) -> String {
         r.layers.len(),
         r.activations.len()
     );
-    let exact = r.layers.len() - r.inexact_layers.len();
-    let _ = writeln!(
-        o,
-        "  scales {}: f32 arithmetic provably exact in {exact} of {} layers{}",
-        crate::cli_name(&r.scales),
-        r.layers.len(),
-        match r.bn {
-            crate::pipeline::BnMode::Keep => " (BN kept: its float arithmetic is not)",
-            crate::pipeline::BnMode::Fold if exact == r.layers.len() => {
-                " (every engine computes the same codes)"
-            }
-            crate::pipeline::BnMode::Fold => "",
+    if r.inexact_layers.is_empty() {
+        let _ = writeln!(
+            o,
+            "  scales {}: f32 arithmetic provably exact in all {} layers (every engine computes the same codes)",
+            crate::cli_name(&r.scales),
+            r.layers.len()
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "  scales {}: {} ops not provably exact (engines may differ in the last bits there):",
+            crate::cli_name(&r.scales),
+            r.inexact_layers.len()
+        );
+        for l in &r.inexact_layers {
+            let _ = writeln!(o, "    {l}");
         }
-    );
+    }
     if let Some(d) = &r.verification_data {
         comparison_lines(&mut o, d);
     }

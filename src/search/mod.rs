@@ -73,6 +73,9 @@ pub struct SearchConfig {
     /// alpha ~ N(0, std^2) at the start.
     pub alpha_init_std: f64,
     pub bns_weight: f64,
+    /// BNS units (`auto` is decided from the teacher's input domain before the search).
+    #[serde(default)]
+    pub bns_units: crate::train::losses::BnsUnits,
     pub seed: u64,
 }
 
@@ -93,6 +96,7 @@ impl SearchConfig {
             arch_weight_decay: 1e-4,
             alpha_init_std: 1e-3,
             bns_weight: 0.1,
+            bns_units: Default::default(),
             seed,
         };
         match p {
@@ -304,8 +308,13 @@ impl Search<'_> {
         };
         let images = to_domain(&self.net.forward_mixed(&z, &y, &pick)?, self.domain)?;
         let t = self.teacher.forward_taps(&images)?;
-        let (loss, cv, bv) =
-            reconstruction(&t, self.teacher.bn_taps(), &y, self.cfg.bns_weight, iter)?;
+        let (loss, cv, bv) = reconstruction(
+            &t,
+            self.teacher.bn_taps(),
+            &y,
+            (self.cfg.bns_weight, self.cfg.bns_units),
+            iter,
+        )?;
         Ok((cv, bv, loss.backward()?))
     }
 }

@@ -178,6 +178,16 @@ impl InputDomain {
         }
     }
 
+    /// Whether inputs are pixel-sized (raw or mean-subtracted 0..255 values) rather than
+    /// normalised to a few units.
+    pub fn in_pixel_units(&self) -> bool {
+        match self.kind {
+            DomainKind::Pixels | DomainKind::MeanSubtracted => true,
+            DomainKind::Custom => self.stats().1.iter().any(|&s| s > 8.0),
+            _ => false,
+        }
+    }
+
     /// Expected per-channel mean and std of natural images in the input space.
     pub fn stats(&self) -> ([f32; 3], [f32; 3]) {
         stats_of(&self.preprocess)

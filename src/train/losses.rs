@@ -5,12 +5,26 @@
 use anyhow::{Result, ensure};
 use candle_core::Tensor;
 
+use serde::{Deserialize, Serialize};
+
 use crate::lower::program::{BnTap, Forward};
+use crate::teacher::InputDomain;
 
 pub use crate::lower::ops::nn::channel_moments;
 
 /// BNS = mean over layers of [MSE(mean, running mean) + MSE(var, running var)].
 pub fn bns(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
+    bns_terms(inputs, taps, false)
+}
+
+/// BNS in each channel's own units: the mean's error over the running std and the variance's
+/// relative error. A BN's input scale is arbitrary (the BN undoes it), so the plain BNS can be
+/// dominated by one layer, e.g. the first conv of a raw-pixel model (variances ~1e4 there).
+pub fn bns_relative(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
+    bns_terms(inputs, taps, true)
+}
+
+fn bns_terms(inputs: &[Tensor], taps: &[BnTap], relative: bool) -> Result<Tensor> {
     ensure!(
         !taps.is_empty() && inputs.len() == taps.len(),
         "BNS needs the BN taps of the teacher ({} inputs, {} taps)",
@@ -22,7 +36,14 @@ pub fn bns(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
         let (m, v) = channel_moments(x)?;
         let rm = Tensor::new(tap.stats.running_mean.as_slice(), x.device())?.to_dtype(x.dtype())?;
         let rv = Tensor::new(tap.stats.running_var.as_slice(), x.device())?.to_dtype(x.dtype())?;
-        let l = ((m - rm)?.sqr()?.mean_all()? + (v - rv)?.sqr()?.mean_all()?)?;
+        let l = if relative {
+            let unit = (rv.clone() + 1e-5)?;
+            let dm = (m - rm)?.sqr()?.div(&unit)?.mean_all()?;
+            let dv = (v - rv)?.div(&unit)?.sqr()?.mean_all()?;
+            (dm + dv)?
+        } else {
+            ((m - rm)?.sqr()?.mean_all()? + (v - rv)?.sqr()?.mean_all()?)?
+        };
         total = Some(match total {
             None => l,
             Some(t) => (t + l)?,
@@ -31,18 +52,48 @@ pub fn bns(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
     Ok((total.expect("non-empty") / taps.len() as f64)?)
 }
 
+/// The units the generators' BNS measures each BN layer in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BnsUnits {
+    /// `relative` for a teacher whose inputs are in pixel units, else `plain`.
+    #[default]
+    Auto,
+    /// The references' loss: squared errors of the raw means and variances.
+    Plain,
+    /// Each layer in its own units ([`bns_relative`]).
+    Relative,
+}
+
+impl BnsUnits {
+    /// `Auto` decided for a teacher with input domain `domain`. The references' plain loss was
+    /// made for standardized inputs; on pixel-unit inputs the first conv's outputs, and so its
+    /// BN's variances, are ~255^2 times larger and the plain loss is that one layer (measured on
+    /// the Keras-style fixture: BNS ~1e5, the generator's CE never left chance).
+    pub fn resolve(self, domain: &InputDomain) -> Self {
+        match self {
+            BnsUnits::Auto if domain.in_pixel_units() => BnsUnits::Relative,
+            BnsUnits::Auto => BnsUnits::Plain,
+            u => u,
+        }
+    }
+}
+
 /// The reconstruction loss of GDFQ's generator and of AutoReCon's search, CE(teacher(x), y) +
-/// `bns_weight` BNS, from the teacher's forward pass; returns it with the values of its two
+/// `bns_weight` BNS (in `units`), from the teacher's forward pass; returns it with the values of its two
 /// terms (finite, else the divergence error naming iteration `iter`).
 pub fn reconstruction(
     t: &Forward,
     taps: &[BnTap],
     y: &Tensor,
-    bns_weight: f64,
+    (bns_weight, units): (f64, BnsUnits),
     iter: usize,
 ) -> Result<(Tensor, f64, f64)> {
     let ce = candle_nn::loss::cross_entropy(&t.logits, y)?;
-    let b = bns(&t.bn_inputs, taps)?;
+    let b = match units {
+        BnsUnits::Relative => bns_relative(&t.bn_inputs, taps)?,
+        BnsUnits::Auto | BnsUnits::Plain => bns(&t.bn_inputs, taps)?,
+    };
     let loss = (&ce + (&b * bns_weight)?)?;
     let ce_v = super::engine::finite(
         ce.to_scalar::<f32>()? as f64,

@@ -1,7 +1,8 @@
 //! Inputs synthesized from the reference model alone, for verifying a student without data:
 //! a class-balanced batch (image i targets class i mod classes) optimised, as DeepInversion and
 //! ZeroQ do, until the reference classifies each image as its class with confidence and (when
-//! the reference has BatchNormalization) the batch's statistics match the running ones. On
+//! the reference has BatchNormalization) the batch's statistics match the running ones, each
+//! layer in its own units (a raw-pixel model's first BN would otherwise outweigh the rest). On
 //! such inputs the reference's predictions are not near-ties, so prediction agreement means
 //! something, which on plain noise it does not.
 //!
@@ -14,7 +15,7 @@ use serde::Serialize;
 
 use crate::device::HOST;
 use crate::teacher::Teacher;
-use crate::train::losses::bns;
+use crate::train::losses::bns_relative;
 use crate::train::optim::Adam;
 
 /// How the inputs are made.
@@ -35,7 +36,7 @@ impl Default for SynthConfig {
             images: 128,
             steps: 100,
             lr: 0.1,
-            bns_weight: 0.1,
+            bns_weight: 1.0,
             seed: 0,
         }
     }
@@ -78,7 +79,7 @@ pub fn synthesize(teacher: &Teacher, cfg: SynthConfig) -> Result<Synthesized> {
     ensure!(cfg.images > 0, "at least one image is needed");
     let program = teacher.program(&HOST)?;
     let shape = teacher.input_shape(cfg.images);
-    let (c, plane) = (teacher.channels, teacher.height * teacher.width);
+    let c = teacher.channels;
     let d = &teacher.domain;
     let (m, s) = d.stats();
     let per_channel = |f: &dyn Fn(usize) -> f32| -> Result<Tensor> {
@@ -111,7 +112,7 @@ pub fn synthesize(teacher: &Teacher, cfg: SynthConfig) -> Result<Synthesized> {
         let f = program.forward_taps(&x)?;
         let ce = candle_nn::loss::cross_entropy(&f.logits, &y)?;
         let loss = if has_bn {
-            let b = bns(&f.bn_inputs, program.bn_taps())?;
+            let b = bns_relative(&f.bn_inputs, program.bn_taps())?;
             bns_v = b.to_scalar::<f32>()? as f64;
             (&ce + (b * cfg.bns_weight)?)?
         } else {
@@ -135,7 +136,6 @@ pub fn synthesize(teacher: &Teacher, cfg: SynthConfig) -> Result<Synthesized> {
         confidence.push(row[top]);
         hits += (top == t) as usize;
     }
-    let _ = plane;
     Ok(Synthesized {
         x: x.flatten_all()?.to_vec1()?,
         images: cfg.images,

@@ -472,3 +472,50 @@ fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
     assert!(err.contains("--weight-clip"), "{err}");
     assert!(!bad.exists());
 }
+
+#[test]
+fn relative_bns_ignores_a_layers_arbitrary_scale_and_auto_picks_it_for_pixel_inputs() {
+    use datafree::data::Preprocess;
+    use datafree::lower::program::BnTap;
+    use datafree::onnx::bn::BnStats;
+    use datafree::teacher::InputDomain;
+    use datafree::train::losses::{BnsUnits, bns, bns_relative};
+    // One BN input (2 channels), and the same layer with its input 100 times larger (what a
+    // raw-pixel model's first conv gives): the relative loss is the same, the plain one is not.
+    let x = Tensor::new(&[1.0f32, 2.0, 4.0, 0.5, -1.0, 3.0, 0.0, 2.5], &Device::Cpu)
+        .unwrap()
+        .reshape((2, 2, 2, 1))
+        .unwrap();
+    let tap = |a: f32| BnTap {
+        name: "bn".into(),
+        node_index: 0,
+        slot: 0,
+        stats: BnStats {
+            scale: vec![1.0; 2],
+            bias: vec![0.0; 2],
+            running_mean: vec![0.5 * a, 1.0 * a],
+            running_var: vec![2.0 * a * a, 3.0 * a * a],
+        },
+    };
+    let value = |t: Tensor| t.to_scalar::<f32>().unwrap();
+    let big = (&x * 100.0).unwrap();
+    let rel = value(bns_relative(std::slice::from_ref(&x), &[tap(1.0)]).unwrap());
+    let rel_big = value(bns_relative(std::slice::from_ref(&big), &[tap(100.0)]).unwrap());
+    assert!(
+        rel > 0.0 && (rel - rel_big).abs() <= 1e-4 * rel,
+        "{rel} vs {rel_big}"
+    );
+    let plain = value(bns(std::slice::from_ref(&x), &[tap(1.0)]).unwrap());
+    let plain_big = value(bns(&[big], &[tap(100.0)]).unwrap());
+    assert!(plain_big > 1000.0 * plain, "{plain} vs {plain_big}");
+    // Auto: relative for pixel-unit inputs only; an explicit choice stays.
+    let pixels = InputDomain::given(Preprocess {
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        scale: 1.0,
+    });
+    let standardized = InputDomain::given(Preprocess::default());
+    assert_eq!(BnsUnits::Auto.resolve(&pixels), BnsUnits::Relative);
+    assert_eq!(BnsUnits::Auto.resolve(&standardized), BnsUnits::Plain);
+    assert_eq!(BnsUnits::Plain.resolve(&pixels), BnsUnits::Plain);
+}

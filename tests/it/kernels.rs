@@ -3,8 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use datafree::kernels::{
-    Conv2dSpec, Pool2dSpec, UpMode, channel_affine, channel_moments, channel_sum, conv2d, pool2d,
-    upsample2d,
+    Conv2dSpec, Pool2dSpec, UpMode, channel_affine, channel_moments, channel_sum, clamp, conv2d,
+    pool2d, upsample2d,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -470,4 +470,33 @@ fn channel_ops_match_broadcasting_and_finite_differences() {
         let (m, v) = channel_moments(&t[0]).unwrap();
         Tensor::cat(&[m, v], 0).unwrap()
     });
+}
+
+#[test]
+fn clamp_matches_candle_and_finite_differences_and_is_flat_outside() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let x = random(&mut rng, &[2, 3, 5, 4]);
+    for (lo, hi) in [
+        (-0.5, 0.5),
+        (0.0, 6.0),
+        (f64::NEG_INFINITY, 0.2),
+        (0.3, -0.3),
+    ] {
+        // ONNX's Clip is max then min (lo > hi gives hi everywhere).
+        let reference = x.maximum(lo).unwrap().minimum(hi).unwrap();
+        assert_close(&clamp(&x, lo, hi).unwrap(), &reference, 0.0, "clamp");
+    }
+    check_gradients("clamp", std::slice::from_ref(&x), &|t| {
+        clamp(&t[0], -0.5, 0.5).unwrap()
+    });
+    // Gradient 1 strictly inside, 0 outside and on the bounds (PyTorch's hardtanh).
+    let v = Var::from_tensor(&Tensor::new(&[-1.0f64, -0.5, 0.0, 0.5, 1.0], &Device::Cpu).unwrap())
+        .unwrap();
+    let g = clamp(v.as_tensor(), -0.5, 0.5)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(values(g.get(&v).unwrap()), vec![0.0, 0.0, 1.0, 0.0, 0.0]);
 }

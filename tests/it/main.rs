@@ -10,6 +10,7 @@ mod fixtures;
 mod autorecon;
 mod cli_errors;
 mod compress;
+mod family_teachers;
 mod gdfq;
 mod inspect_fixtures;
 mod kernels;

@@ -43,7 +43,7 @@ pub fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn hard_sigmoid(x: &Tensor, alpha: f64, beta: f64) -> candle_core::Result<Tensor> {
-    x.affine(alpha, beta)?.clamp(0.0, 1.0)
+    crate::kernels::clamp(&x.affine(alpha, beta)?, 0.0, 1.0)
 }
 
 impl Op for Unary {
@@ -94,7 +94,7 @@ fn clip(n: &NodeCtx) -> Result<Box<dyn Op>> {
 
 impl Op for Clip {
     fn run(&self, ctx: &RunCtx, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
-        let mut y = input(inputs, 0)?.float(ctx)?;
+        let y = input(inputs, 0)?.float(ctx)?;
         let bound = |attr: Option<f64>, i: usize| -> Result<Option<f64>> {
             Ok(match attr {
                 Some(v) => Some(v),
@@ -109,12 +109,8 @@ impl Op for Clip {
                 },
             })
         };
-        if let Some(lo) = bound(self.min, 1)? {
-            y = y.maximum(lo)?;
-        }
-        if let Some(hi) = bound(self.max, 2)? {
-            y = y.minimum(hi)?;
-        }
-        Ok(vec![Value::F(y)])
+        let lo = bound(self.min, 1)?.unwrap_or(f64::NEG_INFINITY);
+        let hi = bound(self.max, 2)?.unwrap_or(f64::INFINITY);
+        Ok(vec![Value::F(crate::kernels::clamp(&y, lo, hi)?)])
     }
 }

@@ -28,7 +28,7 @@ use super::engine::{self, LogLine};
 use super::optim::{Adam, Sgd};
 use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator};
 use crate::lower::Program;
-use crate::quant::fake::fake_quant_weight;
+use crate::quant::fake::{Fold, fake_quant_weight, fake_quant_weight_exact};
 use crate::quant::placement::Plan;
 use crate::quant::{Scales, WeightClip, WeightScheme};
 
@@ -141,6 +141,28 @@ pub fn build_generator(
     })
 }
 
+/// Where a planned layer's weight lives in the trainable student, and what the export does to
+/// it: the BN it folds in (when the student trains unfolded) and the layer's own bias.
+#[derive(Debug, Clone)]
+pub struct StudentWeight {
+    /// The trainable weight's name.
+    pub var: String,
+    pub fold: Option<FoldSource>,
+    /// The layer's own bias parameter.
+    pub bias: Option<String>,
+}
+
+/// A BatchNormalization the export folds into a layer: its trainable scale and shift and its
+/// fixed statistics.
+#[derive(Debug, Clone)]
+pub struct FoldSource {
+    pub gamma: String,
+    pub beta: String,
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+    pub eps: f32,
+}
+
 /// Top-1 (%) of a student program on the measuring data.
 pub type EvalFn<'a> = dyn Fn(&Program) -> Result<f64> + 'a;
 
@@ -177,7 +199,7 @@ pub fn train(
     teacher_name: &str,
     student: &mut Program,
     plan: &Plan,
-    weight_names: &HashMap<String, String>,
+    weight_names: &HashMap<String, StudentWeight>,
     (scheme, scales): (WeightScheme, Scales),
     classes: usize,
     (channels, size): (usize, usize),
@@ -194,21 +216,82 @@ pub fn train(
         "--batch must be at least 2 (batch statistics)"
     );
     let device = teacher.device().clone();
-    // Weights are fake-quantized on every forward pass, from their current values.
+    // Weights are fake-quantized on every forward pass, from their current values: on min/max
+    // grids while the input grids are unknown (warm-up), then on exactly the grids the export
+    // will give them (exact scales depend on the folded BN, the bias and the input's grid).
+    let var_of = |name: &str| -> Result<candle_core::Var> {
+        student
+            .vars()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .with_context(|| format!("{name} is not a trainable parameter of the student"))
+    };
+    let mut grids: HashMap<String, step::GridCell> = HashMap::new();
+    let mut transforms = Vec::new();
     for l in &plan.layers {
         let (axis, bits) = (l.weight_axis, l.weight_bits);
-        let name = weight_names.get(&l.weight).unwrap_or(&l.weight);
-        student.set_transform(
-            name,
-            Arc::new(move |w| fake_quant_weight(w, axis, bits, scheme)),
-        )?;
+        let sw = weight_names
+            .get(&l.weight)
+            .cloned()
+            .unwrap_or(StudentWeight {
+                var: l.weight.clone(),
+                fold: None,
+                bias: l.bias.clone(),
+            });
+        let cell = grids.entry(l.input.clone()).or_default().clone();
+        let fold = sw
+            .fold
+            .as_ref()
+            .map(|f| -> Result<_> { Ok((var_of(&f.gamma)?, var_of(&f.beta)?, f.clone())) })
+            .transpose()?;
+        let bias = sw.bias.as_deref().map(var_of).transpose()?;
+        let t: crate::lower::program::Transform = Arc::new(move |w| {
+            let grid = cell.read().expect("not poisoned").clone();
+            match (scales, grid) {
+                (Scales::Exact, Some(g)) => {
+                    let values = |v: &candle_core::Var| -> Result<Vec<f32>> {
+                        Ok(v.as_tensor()
+                            .flatten_all()?
+                            .to_dtype(DType::F32)?
+                            .to_vec1()?)
+                    };
+                    let b = bias.as_ref().map(values).transpose()?;
+                    let fold = match &fold {
+                        Some((gamma, beta, f)) => Some(Fold::new(
+                            &values(gamma)?,
+                            &values(beta)?,
+                            &f.mean,
+                            &f.var,
+                            f.eps,
+                            b.as_deref().unwrap_or(&[]),
+                        )),
+                        None => None,
+                    };
+                    fake_quant_weight_exact(
+                        w,
+                        axis,
+                        bits,
+                        scheme,
+                        fold.as_ref(),
+                        b.as_deref(),
+                        &g.qparams()?,
+                    )
+                }
+                _ => fake_quant_weight(w, axis, bits, scheme),
+            }
+        });
+        transforms.push((sw.var.clone(), t));
+    }
+    for (name, t) in transforms {
+        student.set_transform(&name, t)?;
     }
     // Clipped weights are clamped to their starting clips after every step (projected SGD), so
     // the min/max grid of the trained weights is the clipped one.
     let mut clips = Vec::new();
     if cfg.weight_clip == WeightClip::Mse {
         for l in &plan.layers {
-            let name = weight_names.get(&l.weight).unwrap_or(&l.weight);
+            let name = weight_names.get(&l.weight).map_or(&l.weight, |w| &w.var);
             let var = student
                 .vars()
                 .iter()
@@ -260,6 +343,7 @@ pub fn train(
         scales,
         learned: Vec::new(),
         range_opt: None,
+        grids,
         clips,
         features,
         io,

@@ -19,7 +19,7 @@ use crate::generator::params::{load_tensors, save_tensors};
 use crate::lower::Program;
 use crate::quant::fake::{LearnedRange, fake_quant_activation, fake_quant_learned};
 use crate::quant::placement::{Plan, Role, point_params};
-use crate::quant::{Scales, clip_weight};
+use crate::quant::{QParams, Scales, clip_weight};
 use crate::teacher::InputDomain;
 use crate::train::engine::{self, Step, finite};
 use crate::train::losses::{feature_loss, reconstruction};
@@ -53,6 +53,8 @@ pub(super) struct Run<'a> {
     /// `ranges` then keeps the starting ranges they were built from.
     pub(super) learned: Vec<(String, LearnedRange)>,
     pub(super) range_opt: Option<Adam>,
+    /// The grid of each layer input the weight quantizers read (None during warm-up).
+    pub(super) grids: HashMap<String, GridCell>,
     /// Weights clamped to their starting clips after every student step.
     pub(super) clips: Vec<(candle_core::Var, crate::quant::placement::Layer, Vec<f32>)>,
     /// Teacher tensors distilled feature by feature (`feature_weight` > 0).
@@ -60,6 +62,36 @@ pub(super) struct Run<'a> {
     pub(super) io: &'a Io<'a>,
     pub(super) device: Device,
 }
+
+/// An activation grid as the weight quantizers see it: fixed, or learned (read at every use).
+#[derive(Clone)]
+pub(super) enum Grid {
+    Fixed(QParams),
+    Learned {
+        range: LearnedRange,
+        bits: u8,
+        scales: Scales,
+    },
+}
+
+impl Grid {
+    pub(super) fn qparams(&self) -> anyhow::Result<QParams> {
+        Ok(match self {
+            Grid::Fixed(q) => *q,
+            Grid::Learned {
+                range,
+                bits,
+                scales,
+            } => {
+                let (lo, hi) = range.range()?;
+                QParams::activation(lo, hi, *bits, *scales)
+            }
+        })
+    }
+}
+
+/// A layer input's grid, shared between the activation quantizer and the weight quantizer.
+pub(super) type GridCell = Arc<std::sync::RwLock<Option<Grid>>>;
 
 impl Run<'_> {
     fn warmup(&self) -> usize {
@@ -72,17 +104,27 @@ impl Run<'_> {
             let (lo, hi) = self.ranges[&p.tensor];
             let (bits, scales) = (p.bits, self.scales);
             // The network input's range is its domain's, known exactly: it never trains.
-            if self.cfg.range_lr > 0.0 && p.role != Role::NetworkInput {
+            let grid = if self.cfg.range_lr > 0.0 && p.role != Role::NetworkInput {
                 let r = LearnedRange::new(lo, hi, &self.device)?;
                 self.learned.push((p.tensor.clone(), r.clone()));
+                let range = r.clone();
                 self.student.set_transform(
                     &p.tensor,
                     Arc::new(move |x| fake_quant_learned(x, &r, bits, scales)),
                 )?;
+                Grid::Learned {
+                    range,
+                    bits,
+                    scales,
+                }
             } else {
                 let q = point_params(p.role, (lo, hi), bits, scales);
                 self.student
                     .set_transform(&p.tensor, Arc::new(move |x| fake_quant_activation(x, q)))?;
+                Grid::Fixed(q)
+            };
+            if let Some(cell) = self.grids.get(&p.tensor) {
+                *cell.write().expect("not poisoned") = Some(grid);
             }
         }
         if !self.learned.is_empty() {
@@ -180,8 +222,13 @@ impl Step for Run<'_> {
         )?;
         let images = crate::generator::to_domain(&self.generator.forward(&z, &y)?, self.io.domain)?;
         let (t, teacher_features) = self.teacher.forward_taps_tensors(&images, &self.features)?;
-        let (loss_g, ce_v, bns_v) =
-            reconstruction(&t, self.teacher.bn_taps(), &y, cfg.bns_weight, iter)?;
+        let (loss_g, ce_v, bns_v) = reconstruction(
+            &t,
+            self.teacher.bn_taps(),
+            &y,
+            (cfg.bns_weight, cfg.bns_units),
+            iter,
+        )?;
         self.gen_opt.step(&loss_g.backward()?)?;
         let images = images.detach();
         let lr = cfg.student_lr_at(epoch);

@@ -1,0 +1,158 @@
+//! Teachers of other families and other input domains (the trained fixtures
+//! `onnx/family-*.onnx`, see `families.rs`), compressed as a new user would: no flags about the
+//! input, no data. Also what must never pass silently: a teacher with a non-finite weight and a
+//! student that collapsed.
+
+use crate::common::{QUICKSTART, assert_success, datafree, write_temp};
+use datafree::onnx::load_model;
+use datafree::onnx::pb::tensor_proto::DataType;
+
+/// (family, the input domain its training used, as `inspect` names it).
+const EXPECTED: &[(&str, &str)] = &[
+    ("keras", "pixels"),
+    ("mobilenet", "unit"),
+    ("densenet", "symmetric"),
+    ("preact", "standardized"),
+];
+
+fn family(name: &str) -> String {
+    crate::common::repo()
+        .join(format!("onnx/family-{name}.onnx"))
+        .display()
+        .to_string()
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).expect("one JSON document on stdout")
+}
+
+#[test]
+fn family_fixtures_are_complete_and_their_input_domains_are_inferred() {
+    for &(name, kind) in EXPECTED {
+        let out = datafree(&["inspect", &family(name), "--json"]);
+        assert_success(&out);
+        let j = json(&out);
+        let d = &j["input_domain"];
+        assert_eq!(d["kind"], kind, "{name}: {d}");
+        assert_eq!(d["source"]["from"], "inferred", "{name}: {d}");
+        assert_eq!(j["batch_norm"]["verdict"], "complete", "{name}");
+        // Convs without BN by design (projection shortcuts, squeeze-excitation) are said so.
+        let msg = j["batch_norm"]["message"].as_str().unwrap();
+        assert!(!msg.contains("folded"), "{name}: {msg}");
+    }
+}
+
+#[test]
+fn family_fixtures_compress_at_w8a8_without_flags_and_pass_verify_without_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    for &(name, kind) in EXPECTED {
+        let dir = tmp.path().join(name);
+        let dir_s = dir.display().to_string();
+        let teacher = family(name);
+        let out = datafree(&[
+            "compress",
+            &teacher,
+            "--method",
+            "ptq-bn",
+            "--bits",
+            "w8a8",
+            "--data",
+            "synthetic:shapes10:test:500",
+            "--out",
+            &dir_s,
+        ]);
+        assert_success(&out);
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+        assert_eq!(r["input_domain"]["kind"], kind, "{name}");
+        assert!(r["self_check"].is_null(), "{name}: {}", r["self_check"]);
+        let v = &r["verification_data"];
+        let drop = v["top1_drop"].as_f64().unwrap();
+        // Measured on test:2000: keras 0.45, mobilenet 0.85, densenet 0.5, preact 0.2 points.
+        assert!(drop <= 2.0, "{name}: top-1 drop {drop}");
+        let agreement = v["agreement"].as_f64().unwrap();
+        assert!(agreement >= 0.97, "{name}: agreement {agreement}");
+        // Exact scales: ORT computes the simulation's logits wherever no float op intervenes.
+        let sim = &v["simulation"]["Ok"];
+        assert_eq!(sim["top1_agreement"], 1.0, "{name}: {sim}");
+        // The student records the domain it was calibrated for.
+        let student = load_model(&dir.join("student.onnx")).unwrap();
+        let meta = &student.proto.metadata_props;
+        assert!(
+            meta.iter()
+                .any(|p| p.key.starts_with("datafree.preprocess")),
+            "{name}: {meta:?}"
+        );
+        // The CI gate without labelled data passes it.
+        let student_s = dir.join("student.onnx").display().to_string();
+        let gate = datafree(&["verify", &student_s, "--reference", &teacher]);
+        assert_eq!(
+            gate.status.code(),
+            Some(0),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&gate.stdout),
+            String::from_utf8_lossy(&gate.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_non_finite_weight_is_refused_naming_the_tensor() {
+    let mut m = load_model(std::path::Path::new(QUICKSTART)).unwrap().proto;
+    let g = m.graph.as_mut().unwrap();
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.dims.len() == 4 && t.data_type == DataType::Float as i32)
+        .unwrap();
+    let name = t.name.clone();
+    if t.raw_data.is_empty() {
+        t.float_data[5] = f32::NAN;
+    } else {
+        t.raw_data[20..24].copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let (tmp, path) = write_temp(&m, "nan.onnx");
+    let out_dir = tmp.path().join("out").display().to_string();
+    let out = datafree(&[
+        "compress",
+        path.to_str().unwrap(),
+        "--method",
+        "ptq-bn",
+        "--bits",
+        "w8a8",
+        "--out",
+        &out_dir,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&name), "{err}");
+    assert!(err.contains("nan.onnx"), "{err}");
+    assert!(!tmp.path().join("out/student.onnx").exists());
+}
+
+#[test]
+fn a_collapsed_student_is_reported_with_exit_1_and_kept() {
+    // Ranges of mean +- 0.02 std clip nearly every activation: the student cannot agree with
+    // its teacher, and compress must say so rather than hand it over as a success.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let out = datafree(&[
+        "compress",
+        QUICKSTART,
+        "--method",
+        "ptq-bn",
+        "--bits",
+        "w8a8",
+        "--bn-k",
+        "0.02",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("collapsed"), "{err}");
+    assert!(dir.join("student.onnx").is_file());
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    assert!(r["self_check"].as_str().unwrap().contains("agrees"));
+}
