@@ -194,7 +194,9 @@ pub fn compress(
         student_model.size_bytes
     ));
     // Without data, the student is checked on inputs synthesized from the teacher alone,
-    // where the teacher's predictions are clear (on noise they are near-ties).
+    // where the teacher's predictions are clear (on noise they are near-ties). The self-check
+    // looks for broken or collapsed students, so it takes the plain, fully confident images
+    // its floors were set on; `verify` aims at a moderate confidence to tell good from poor.
     let synthesized = crate::verify::synth::synthesize(
         teacher,
         crate::verify::synth::SynthConfig {

@@ -27,6 +27,10 @@ pub struct SynthConfig {
     pub lr: f64,
     /// Weight of the BN-statistics term next to the class term.
     pub bns_weight: f64,
+    /// The probability the reference should give each image's class: None pushes it to 1
+    /// (plain CE), Some(c) aims at c (CE with soft targets), which keeps the images away from
+    /// the extremes where every student agrees.
+    pub confidence: Option<f64>,
     pub seed: u64,
 }
 
@@ -37,7 +41,21 @@ impl Default for SynthConfig {
             steps: 100,
             lr: 0.1,
             bns_weight: 1.0,
+            confidence: None,
             seed: 0,
+        }
+    }
+}
+
+impl SynthConfig {
+    /// Inputs for checking a student: classified as their class with probability about 0.7
+    /// (confident, so not near-ties, but not so extreme that a poor student agrees anyway).
+    pub fn verification(images: usize, seed: u64) -> Self {
+        Self {
+            images,
+            confidence: Some(0.7),
+            seed,
+            ..Default::default()
         }
     }
 }
@@ -64,9 +82,12 @@ impl Synthesized {
     /// One line for reports.
     pub fn describe(&self) -> String {
         format!(
-            "{} images synthesized from the reference ({} steps, class-balanced; {:.0}% classified as their target, CE {:.3}, BNS {:.3})",
+            "{} images synthesized from the reference ({} steps, class-balanced{}; {:.0}% classified as their target, CE {:.3}, BNS {:.3})",
             self.images,
             self.config.steps,
+            self.config
+                .confidence
+                .map_or(String::new(), |c| format!(", aiming at confidence {c}")),
             100.0 * self.on_target,
             self.ce,
             self.bns
@@ -100,6 +121,20 @@ pub fn synthesize(teacher: &Teacher, cfg: SynthConfig) -> Result<Synthesized> {
     )?;
     let mut opt = Adam::new(vec![u.clone()], cfg.lr, (0.9, 0.999));
     let has_bn = !program.bn_taps().is_empty();
+    let k = teacher.classes;
+    // Soft targets: c on the image's class, the rest spread evenly.
+    let soft = match cfg.confidence {
+        Some(c) if k > 1 => {
+            let c = c.clamp(1.0 / k as f64, 1.0);
+            let rest = ((1.0 - c) / (k - 1) as f64) as f32;
+            let mut q = vec![rest; cfg.images * k];
+            for (i, &t) in target.iter().enumerate() {
+                q[i * k + t] = c as f32;
+            }
+            Some(Tensor::from_vec(q, (cfg.images, k), &HOST)?)
+        }
+        _ => None,
+    };
     let to_x = |u: &Tensor| -> Result<Tensor> {
         Ok(u.broadcast_mul(&std)?
             .broadcast_add(&mean)?
@@ -110,7 +145,13 @@ pub fn synthesize(teacher: &Teacher, cfg: SynthConfig) -> Result<Synthesized> {
     for _ in 0..cfg.steps {
         let x = to_x(u.as_tensor())?;
         let f = program.forward_taps(&x)?;
-        let ce = candle_nn::loss::cross_entropy(&f.logits, &y)?;
+        let ce = match &soft {
+            Some(q) => (candle_nn::ops::log_softmax(&f.logits, 1)? * q)?
+                .sum(1)?
+                .neg()?
+                .mean_all()?,
+            None => candle_nn::loss::cross_entropy(&f.logits, &y)?,
+        };
         let loss = if has_bn {
             let b = bns_relative(&f.bn_inputs, program.bn_taps())?;
             bns_v = b.to_scalar::<f32>()? as f64;
@@ -129,7 +170,6 @@ pub fn synthesize(teacher: &Teacher, cfg: SynthConfig) -> Result<Synthesized> {
     let x = to_x(u.as_tensor())?.detach();
     let p = candle_nn::ops::softmax(&program.forward(&x)?, 1)?;
     let probs: Vec<f32> = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let k = teacher.classes;
     let (mut confidence, mut hits) = (Vec::with_capacity(cfg.images), 0usize);
     for (row, &t) in probs.chunks_exact(k).zip(&target) {
         let top = super::eval::argmax(row);
