@@ -24,17 +24,7 @@ pub fn dequantized_weight(
     let rows = channel_major(v, dims, axis);
     let channels = dims[axis];
     let q = quantize_weight(&rows, channels, bits, scheme);
-    let per = rows.len() / channels.max(1);
-    let deq: Vec<f32> = q
-        .values
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| {
-            let c = i / per.max(1);
-            (x as i32 - q.zero_points[c] as i32) as f32 * q.scales[c]
-        })
-        .collect();
-    from_channel_major(&deq, dims, axis)
+    from_channel_major(&q.dequantized(), dims, axis)
 }
 
 /// Straight-through fake quantization of a weight tensor: the forward value is the dequantized
@@ -118,12 +108,11 @@ pub fn fake_quant_weight_exact(
     let bias = fold.map(|f| f.bias.as_slice()).or(bias);
     let (q, _) = super::quantize_weight_exact(&rows, channels, bits, scheme, input, bias);
     let deq: Vec<f32> = q
-        .values
-        .iter()
+        .dequantized()
+        .into_iter()
         .enumerate()
-        .map(|(i, &x)| {
+        .map(|(i, d)| {
             let c = i / per.max(1);
-            let d = (x as i32 - q.zero_points[c] as i32) as f32 * q.scales[c];
             match fold {
                 // A channel the BN zeroes keeps its float weight: nothing reaches the output.
                 Some(f) if f.a[c] != 0.0 => (d as f64 / f.a[c]) as f32,

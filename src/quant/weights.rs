@@ -11,6 +11,21 @@ pub struct QuantizedWeight {
     pub zero_points: Vec<i8>,
 }
 
+impl QuantizedWeight {
+    /// The float values DequantizeLinear gives, channel-major as `values`.
+    pub fn dequantized(&self) -> Vec<f32> {
+        let per = self.values.len() / self.scales.len().max(1);
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let c = i / per.max(1);
+                (x as i32 - self.zero_points[c] as i32) as f32 * self.scales[c]
+            })
+            .collect()
+    }
+}
+
 /// The min/max grid of one channel's weights.
 fn weight_params(row: &[f32], bits: u8, scheme: WeightScheme) -> QParams {
     match scheme {
