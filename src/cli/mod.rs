@@ -234,12 +234,10 @@ pub enum Command {
 
 /// The preprocessing of a model's inputs: the flags, else its metadata, else its BN statistics.
 fn preprocess(a: &PreprocessArgs, model: &onnx::LoadedModel) -> anyhow::Result<Preprocess> {
-    let given = a.given()?;
-    let info = crate::teacher::inspect::inspect(model);
-    let (h, w) = info.input_resolution.as_ref().map_or((0, 0), |r| {
-        (r.height.max(0) as usize, r.width.max(0) as usize)
-    });
-    Ok(crate::teacher::InputDomain::resolve(model, &info.batch_norm, given, (h, w)).preprocess)
+    // The teacher's own resolution (flags, metadata, or inferred on its core).
+    Ok(crate::teacher::Teacher::new(model.clone(), a.given()?)?
+        .domain
+        .preprocess)
 }
 
 /// Runs the CLI; returns the process exit code.

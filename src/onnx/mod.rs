@@ -6,6 +6,7 @@ pub mod bn;
 pub mod builder;
 pub mod check;
 pub mod graph;
+pub mod interface;
 pub mod load;
 pub mod padding;
 pub mod tensor;

@@ -185,6 +185,13 @@ pub fn compress(
     inexact_layers.extend(export::inexact_float_ops(&student, &|n| {
         areas.get(n).copied()
     }));
+    // The student keeps the teacher file's signature (input layout, final Softmax).
+    if let Some((node, op)) = teacher.interface.output_node() {
+        inexact_layers.push(format!(
+            "{node} ({op}): the teacher's final {op}, in float; engines may round it differently"
+        ));
+    }
+    let student = teacher.interface.wrap(student);
     let student_path = out.join("student.onnx");
     crate::onnx::builder::write_model(&student_path, &student)?;
     let student_model = crate::onnx::load_model(&student_path)?;

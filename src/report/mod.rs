@@ -89,7 +89,11 @@ pub fn render_inspect(r: &InspectReport, domain: Option<&crate::teacher::InputDo
     let res = r.input_resolution.as_ref().map_or("unknown".into(), |i| {
         format!("{}x{}x{} ({})", i.channels, i.height, i.width, i.layout)
     });
-    let _ = writeln!(o, "  model      {classes} classes, input {res}");
+    let kind = r.output_kind.map_or("unknown".into(), |k| k.to_string());
+    let _ = writeln!(
+        o,
+        "  model      {classes} classes, input {res}, output {kind}"
+    );
     let mut ops: Vec<_> = r.op_histogram.iter().collect();
     ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let ops: Vec<String> = ops.iter().map(|(k, v)| format!("{k} {v}")).collect();

@@ -35,6 +35,9 @@ pub struct InspectReport {
     pub op_histogram: BTreeMap<String, usize>,
     pub parameters: Parameters,
     pub classes: Option<usize>,
+    /// What the outputs are (logits, or probabilities from a final Softmax); absent when the
+    /// interface cannot be read (the reason is the error `compress` gives).
+    pub output_kind: Option<crate::onnx::interface::OutputKind>,
     pub input_resolution: Option<InputResolution>,
     pub batch_norm: BnReport,
     pub lowering: Lowering,
@@ -255,6 +258,9 @@ pub fn inspect(model: &LoadedModel) -> InspectReport {
         producer_version: p.producer_version.clone(),
         graph_name: g.name.clone(),
         input_resolution: input_resolution(&inputs),
+        output_kind: crate::onnx::interface::Interface::of(model)
+            .ok()
+            .map(|i| i.output),
         inputs,
         outputs,
         node_count: g.node.len(),

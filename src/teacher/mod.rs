@@ -1,6 +1,7 @@
 //! The teacher, analysed once per run: the model file (proto and folder), its inspection
 //! (signature, op histogram, BatchNormalization statistics and verdict, what the lowering
-//! supports), its input geometry and class count, and its input domain. Every later stage takes a `&Teacher` instead of
+//! supports), its interface (input layout, output kind) and core, its input geometry and class
+//! count, and its input domain. Every later stage takes a `&Teacher` instead of
 //! re-deriving these from the file.
 
 pub mod domain;
@@ -16,6 +17,7 @@ use crate::data::Preprocess;
 use crate::device::HOST;
 use crate::lower::Program;
 use crate::onnx::bn::BnReport;
+use crate::onnx::interface::Interface;
 use crate::onnx::pb::ModelProto;
 use crate::onnx::{self, LoadedModel};
 pub use domain::InputDomain;
@@ -23,7 +25,10 @@ use inspect::InspectReport;
 
 /// A classifier ready for the data-free stages.
 pub struct Teacher {
+    /// The core: NCHW input, logits out (see [`Interface`]); path, size and hash are the file's.
     pub model: LoadedModel,
+    /// What the file adds around the core (input layout, final Softmax), put back on students.
+    pub interface: Interface,
     pub info: InspectReport,
     pub channels: usize,
     pub height: usize,
@@ -40,9 +45,19 @@ impl Teacher {
 
     /// Analyses a loaded model: refuses broken parameters, non-image inputs and outputs without
     /// a class axis, and resolves the input domain.
-    pub fn new(model: LoadedModel, given: Option<Preprocess>) -> Result<Teacher> {
-        onnx::check::parameters(&model)?;
-        let info = inspect::inspect(&model);
+    pub fn new(file: LoadedModel, given: Option<Preprocess>) -> Result<Teacher> {
+        onnx::check::parameters(&file)?;
+        let interface = Interface::of(&file)?;
+        // The report describes the file as the user knows it (layout, output kind); its BN
+        // statistics are traced from the core's input, where the domain is read.
+        let mut info = inspect::inspect(&file);
+        let model = LoadedModel {
+            proto: interface.core(&file.proto),
+            ..file
+        };
+        if !interface.is_plain() {
+            info.batch_norm = crate::onnx::bn::analyse(&model);
+        }
         let (channels, height, width) = geometry(&model, &info)?;
         let domain = InputDomain::resolve(&model, &info.batch_norm, given, (height, width));
         let classes = match info.classes {
@@ -60,6 +75,7 @@ impl Teacher {
         };
         Ok(Teacher {
             model,
+            interface,
             info,
             channels,
             height,
@@ -120,7 +136,7 @@ impl Teacher {
     }
 }
 
-/// C x H x W of an NCHW image input with 3 channels.
+/// C x H x W of the image input (in either layout) with 3 channels.
 fn geometry(model: &LoadedModel, info: &InspectReport) -> Result<(usize, usize, usize)> {
     let res = info.input_resolution.as_ref().with_context(|| {
         format!(
@@ -128,12 +144,6 @@ fn geometry(model: &LoadedModel, info: &InspectReport) -> Result<(usize, usize, 
             model.path.display()
         )
     })?;
-    ensure!(
-        res.layout == "NCHW",
-        "{}: only NCHW image inputs are supported, this model looks {}",
-        model.path.display(),
-        res.layout
-    );
     ensure!(
         res.channels == 3,
         "{}: expects {} input channels; the data is RGB",

@@ -100,6 +100,12 @@ pub fn compare(
     simulate: bool,
 ) -> Result<Comparison> {
     let reference = &teacher.model;
+    // Each file is fed in its own layout and read as its own kind of output, so a student
+    // need not share its reference's interface.
+    let (si, ri) = (
+        crate::onnx::interface::Interface::of(student)?,
+        &teacher.interface,
+    );
     let (classes, c, h, w) = (
         teacher.classes,
         teacher.channels,
@@ -146,15 +152,18 @@ pub fn compare(
                 s.x[start * per..end * per].to_vec()
             }
         };
-        let (_, so) = ort_runtime::run_f32(&mut s, &shape, &x)?;
-        let (_, ro) = ort_runtime::run_f32(&mut r, &shape, &x)?;
+        let (xs, s_shape) = si.feed(&x, &shape);
+        let (_, so) = ort_runtime::run_f32(&mut s, &s_shape, &xs)?;
+        let (xr, r_shape) = ri.feed(&x, &shape);
+        let (_, ro) = ort_runtime::run_f32(&mut r, &r_shape, &xr)?;
+        let (sl, rl) = (si.logits(&so), ri.logits(&ro));
         if let Inputs::Data(d) = inputs {
             sa.add(&so, &d.labels[start..end]);
             ra.add(&ro, &d.labels[start..end]);
         }
-        for (k, (a, b)) in so
+        for (k, (a, b)) in sl
             .chunks_exact(classes)
-            .zip(ro.chunks_exact(classes))
+            .zip(rl.chunks_exact(classes))
             .enumerate()
         {
             let same = argmax(a) == argmax(b);
@@ -169,7 +178,7 @@ pub fn compare(
         }
         if let (Ok(p), None) = (&sim, &sim_err) {
             match p
-                .forward(&Tensor::from_slice(&x, &shape, &HOST)?)
+                .forward(&Tensor::from_slice(&xs, s_shape.as_slice(), &HOST)?)
                 .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
             {
                 Ok(y) => {
@@ -205,10 +214,11 @@ pub fn compare(
             }
         });
     let speed = (|| -> Result<Speed> {
-        let shape = [64, c, h, w];
-        let x: Vec<f32> = teacher.domain.noise(&shape, 1);
-        let reference_ms = ort_runtime::time_runs(&mut r, &shape, &x, 10)?;
-        let student_ms = ort_runtime::time_runs(&mut s, &shape, &x, 10)?;
+        let x = teacher.domain.noise(&[64, c, h, w], 1);
+        let (xr, r_shape) = ri.feed(&x, &[64, c, h, w]);
+        let (xs, s_shape) = si.feed(&x, &[64, c, h, w]);
+        let reference_ms = ort_runtime::time_runs(&mut r, &r_shape, &xr, 10)?;
+        let student_ms = ort_runtime::time_runs(&mut s, &s_shape, &xs, 10)?;
         Ok(Speed {
             batch: 64,
             reference_ms,

@@ -8,6 +8,7 @@ use super::{ort_runtime, tract_runtime::TractModel};
 use crate::device::HOST;
 use crate::lower::{Program, lower};
 use crate::onnx::LoadedModel;
+use crate::onnx::interface::Interface;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,6 +41,8 @@ enum Inner {
 pub struct Engine {
     pub kind: EngineKind,
     path: std::path::PathBuf,
+    /// The file's layout, which every engine is fed in.
+    interface: Interface,
     inner: Inner,
 }
 
@@ -54,12 +57,16 @@ impl Engine {
         Ok(Self {
             kind,
             path: model.path.clone(),
+            interface: Interface::of(model)?,
             inner,
         })
     }
 
-    /// Runs one batch (N x C x H x W, flat) and returns the flat logits and their shape.
+    /// Runs one batch (N x C x H x W, flat, fed in the file's layout) and returns the flat outputs
+    /// and their shape.
     pub fn run(&mut self, shape: &[usize], x: &[f32]) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (x, shape) = self.interface.feed(x, shape);
+        let (x, shape) = (x.as_slice(), shape.as_slice());
         let (s, y) = match &mut self.inner {
             Inner::Candle(p) => {
                 let t = Tensor::from_slice(x, shape, &HOST)?;

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::engine::{Engine, EngineKind};
 use crate::data::{Dataset, Preprocess};
 use crate::onnx::LoadedModel;
+use crate::onnx::interface::Interface;
 use crate::progress::progress;
 
 /// Top-1 / top-5 accumulators with per-class counts.
@@ -87,8 +88,10 @@ pub struct EvalReport {
     pub images_per_second: f64,
 }
 
-/// Model input geometry (N x C x H x W) from the model's declared input.
+/// Classes and image geometry (C x H x W, whatever the file's layout) from the model's declared
+/// input and output.
 pub fn input_geometry(model: &LoadedModel) -> Result<(usize, usize, usize, usize)> {
+    Interface::of(model)?;
     let r = crate::teacher::inspect::inspect(model);
     let res = r.input_resolution.ok_or_else(|| {
         anyhow::anyhow!(
@@ -96,12 +99,6 @@ pub fn input_geometry(model: &LoadedModel) -> Result<(usize, usize, usize, usize
             model.path.display()
         )
     })?;
-    ensure!(
-        res.layout == "NCHW",
-        "{}: only NCHW image inputs are supported, this model looks {}",
-        model.path.display(),
-        res.layout
-    );
     ensure!(
         res.channels == 3,
         "{}: expects {} input channels; the data is RGB",

@@ -13,6 +13,7 @@ mod compress;
 mod family_teachers;
 mod gdfq;
 mod inspect_fixtures;
+mod interfaces;
 mod kernels;
 mod lowering;
 mod lowering_ops;
