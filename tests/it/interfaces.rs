@@ -160,3 +160,127 @@ fn inputs_that_are_not_one_image_batch_are_refused_naming_the_input() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
 }
+
+/// The quick-start teacher at 64 x 64 and with 2 classes, as a TensorFlow file: NHWC input, a
+/// 2 x 2 average pool down to the 32 x 32 it was trained at, and a head "class 0 or not"
+/// (logit 0 against the largest other), then Softmax.
+fn quickstart_64px_two_classes() -> datafree::onnx::pb::ModelProto {
+    use datafree::onnx::builder::{attr_int, node_proto, tensor_i64, value_info};
+    let mut m = load_model(std::path::Path::new(crate::common::QUICKSTART))
+        .unwrap()
+        .proto;
+    let g = m.graph.as_mut().unwrap();
+    let (input, logits) = (g.input[0].name.clone(), g.output[0].name.clone());
+    g.input[0] = value_info(
+        "image64",
+        DataType::Float,
+        &["N".into(), 3.into(), 64.into(), 64.into()],
+    );
+    g.node.insert(
+        0,
+        node_proto(
+            "AveragePool",
+            "down",
+            &["image64"],
+            &[&input],
+            vec![
+                attr_ints("kernel_shape", &[2, 2]),
+                attr_ints("strides", &[2, 2]),
+            ],
+        ),
+    );
+    for (name, v) in [("s0", 0i64), ("s1", 1), ("s10", 10), ("ax", 1)] {
+        g.initializer.push(tensor_i64(name, &[1], &[v]));
+    }
+    g.node.extend([
+        node_proto(
+            "Slice",
+            "first",
+            &[&logits, "s0", "s1", "ax"],
+            &["l0"],
+            vec![],
+        ),
+        node_proto(
+            "Slice",
+            "others",
+            &[&logits, "s1", "s10", "ax"],
+            &["lr"],
+            vec![],
+        ),
+        node_proto(
+            "ReduceMax",
+            "best_other",
+            &["lr"],
+            &["l1"],
+            vec![attr_ints("axes", &[1])],
+        ),
+        node_proto(
+            "Concat",
+            "two",
+            &["l0", "l1"],
+            &["two_logits"],
+            vec![attr_int("axis", 1)],
+        ),
+    ]);
+    g.output[0] = value_info("two_logits", DataType::Float, &["N".into(), 2.into()]);
+    let iface = Interface::around(&m, Layout::Nhwc, OutputKind::Probabilities);
+    iface.wrap(m)
+}
+
+#[test]
+fn a_64px_two_class_teacher_compresses_and_verifies() {
+    let (_keep, teacher) = write_temp(&quickstart_64px_two_classes(), "two-classes-64.onnx");
+    let t = teacher.display().to_string();
+    // Labelled data at 64 x 64: shapes10 test images, class 0 against the rest.
+    let data = tempfile::tempdir().unwrap();
+    let ds = datafree::data::synthetic::generate("test", 300).unwrap();
+    let s = datafree::data::synthetic::SIZE as u32;
+    for (i, &label) in ds.labels.iter().enumerate() {
+        let px = &ds.pixels[i * 3 * (s * s) as usize..(i + 1) * 3 * (s * s) as usize];
+        let img = image::RgbImage::from_fn(s, s, |x, y| {
+            let at = |c: u32| px[(c * s * s + y * s + x) as usize];
+            image::Rgb([at(0), at(1), at(2)])
+        });
+        let img = image::imageops::resize(&img, 64, 64, image::imageops::FilterType::Nearest);
+        let dir = data
+            .path()
+            .join(if label == 0 { "a-class0" } else { "b-rest" });
+        std::fs::create_dir_all(&dir).unwrap();
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+    }
+    let d = data.path().display().to_string();
+
+    let out = datafree(&["inspect", &t, "--json"]);
+    assert_success(&out);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["classes"], 2);
+    assert_eq!(j["input_resolution"]["height"], 64);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("s");
+    let out = datafree(&[
+        "compress",
+        &t,
+        "--method",
+        "ptq-bn",
+        "--bits",
+        "w8a8",
+        "--data",
+        &d,
+        "--out",
+        &out_dir.display().to_string(),
+    ]);
+    assert_success(&out);
+    let r = report(&out_dir);
+    assert!(r["self_check"].is_null(), "{}", r["self_check"]);
+    let v = &r["verification_data"];
+    assert!(
+        v["reference_top1"].as_f64().unwrap() >= 90.0,
+        "the teacher works at 64 px: {v}"
+    );
+    assert!(v["agreement"].as_f64().unwrap() >= 0.99, "{v}");
+    let student = out_dir.join("student.onnx");
+    assert_eq!(signature(&student), signature(&teacher));
+    let out = datafree(&["verify", &student.display().to_string(), "--reference", &t]);
+    assert_success(&out);
+}

@@ -249,6 +249,9 @@ op_tests! {
     div_broadcast => case("div", "Div", &[2, 3, 4]).inputs(vec![floats(&[2.0, -4.0, 0.5, 1.5])]);
     reduce_mean_axes_attr => case("reducemean", "ReduceMean", &[2, 3, 4]).attrs(vec![attr_ints("axes", &[1, -1]), attr_int("keepdims", 0)]);
     reduce_mean_axes_input => case("reducemean18", "ReduceMean", &[2, 3, 4]).opset(18).inputs(vec![ints(&[2])]);
+    reduce_max_axes_attr => case("reducemax", "ReduceMax", &[2, 3, 4]).attrs(vec![attr_ints("axes", &[1])]);
+    reduce_min_all_axes => case("reducemin", "ReduceMin", &[2, 3, 4]).attrs(vec![attr_int("keepdims", 0)]);
+    reduce_sum_axes_input => case("reducesum", "ReduceSum", &[2, 3, 4]).opset(13).inputs(vec![ints(&[0, -1])]);
     cast_to_float => case("cast", "Cast", &[2, 3]).attrs(vec![attr_int("to", 1)]);
     flatten_axis2 => case("flatten", "Flatten", &[2, 3, 4, 5]).attrs(vec![attr_int("axis", 2)]);
     reshape_zero_and_minus_one => case("reshape", "Reshape", &[2, 3, 4]).inputs(vec![ints(&[0, -1, 2])]);

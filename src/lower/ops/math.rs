@@ -1,5 +1,5 @@
 //! Arithmetic: Add, Sub, Mul, Div (numpy broadcasting, on the device for floats and on the host
-//! for shape integers), ReduceMean, Cast.
+//! for shape integers), ReduceMean/Max/Min/Sum, Cast.
 
 use std::collections::HashMap;
 
@@ -15,7 +15,10 @@ pub fn register(reg: &mut HashMap<&'static str, Builder>) {
     reg.insert("Sub", |_| Ok(Box::new(Binary(Arith::Sub))));
     reg.insert("Mul", |_| Ok(Box::new(Binary(Arith::Mul))));
     reg.insert("Div", |_| Ok(Box::new(Binary(Arith::Div))));
-    reg.insert("ReduceMean", reduce_mean);
+    reg.insert("ReduceMean", |n| reduce(n, Reduction::Mean));
+    reg.insert("ReduceMax", |n| reduce(n, Reduction::Max));
+    reg.insert("ReduceMin", |n| reduce(n, Reduction::Min));
+    reg.insert("ReduceSum", |n| reduce(n, Reduction::Sum));
     reg.insert("Cast", cast);
 }
 
@@ -112,21 +115,31 @@ impl Op for Binary {
     }
 }
 
-struct ReduceMean {
+#[derive(Clone, Copy)]
+enum Reduction {
+    Mean,
+    Max,
+    Min,
+    Sum,
+}
+
+struct Reduce {
+    kind: Reduction,
     axes: Option<Vec<i64>>,
     keepdims: bool,
     noop_with_empty_axes: bool,
 }
 
-fn reduce_mean(n: &NodeCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(ReduceMean {
+fn reduce(n: &NodeCtx, kind: Reduction) -> Result<Box<dyn Op>> {
+    Ok(Box::new(Reduce {
+        kind,
         axes: n.ints("axes")?,
         keepdims: n.int("keepdims", 1)? != 0,
         noop_with_empty_axes: n.int("noop_with_empty_axes", 0)? != 0,
     }))
 }
 
-impl Op for ReduceMean {
+impl Op for Reduce {
     fn run(&self, ctx: &RunCtx, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input(inputs, 0)?.float(ctx)?;
         // Opset 18 moved axes from an attribute to an optional input.
@@ -149,11 +162,15 @@ impl Op for ReduceMean {
         ax.dedup();
         let mut y = x;
         for &a in ax.iter().rev() {
-            y = if self.keepdims {
-                y.mean_keepdim(a)?
-            } else {
-                y.mean(a)?
+            y = match self.kind {
+                Reduction::Mean => y.mean_keepdim(a)?,
+                Reduction::Max => y.max_keepdim(a)?,
+                Reduction::Min => y.min_keepdim(a)?,
+                Reduction::Sum => y.sum_keepdim(a)?,
             };
+            if !self.keepdims {
+                y = y.squeeze(a)?;
+            }
         }
         Ok(vec![Value::F(y)])
     }
