@@ -4,7 +4,11 @@
 //! int32 with DequantizeLinear, and every planned activation gets an optional Clip, then
 //! QuantizeLinear and DequantizeLinear. The result carries provenance in `metadata_props`.
 
+mod pad;
+
 use std::collections::{HashMap, HashSet};
+
+pub use pad::fold_pads;
 
 use anyhow::{Context, Result, bail, ensure};
 

@@ -105,6 +105,8 @@ pub fn compress(
         BnMode::Fold => export::fold_bn(&teacher.model)?,
         BnMode::Keep => (teacher.model.proto.clone(), 0),
     };
+    // Zero Pads go into the Convs they feed, so ORT fuses those Convs (exact).
+    let (folded, pads_folded) = export::fold_pads(&teacher.derived(folded))?;
     // The student's float graph is the teacher's (node names kept): errors name the teacher's
     // file, and external data stays relative to the teacher's folder.
     let float = teacher.derived(folded);
@@ -118,7 +120,7 @@ pub fn compress(
         },
     )?;
     log(&format!(
-        "plan: {} layers, {} activation points; BN folded: {bn_folded}",
+        "plan: {} layers, {} activation points; BN folded: {bn_folded}, zero Pads folded into Convs: {pads_folded}",
         plan.layers.len(),
         plan.points.len()
     ));

@@ -83,6 +83,11 @@ fn family_fixtures_compress_at_w8a8_without_flags_and_pass_verify_without_data()
                 .any(|p| p.key.starts_with("datafree.preprocess")),
             "{name}: {meta:?}"
         );
+        // Keras writes 'same' padding as Pad nodes; folded into the Convs, ORT fuses them all.
+        if name == "keras" {
+            let f = &v["fusion"]["Ok"];
+            assert_eq!(f["all_conv_fused"], true, "{f}");
+        }
         // The CI gate without labelled data passes it.
         let student_s = dir.join("student.onnx").display().to_string();
         let gate = datafree(&["verify", &student_s, "--reference", &teacher]);
@@ -155,4 +160,44 @@ fn a_collapsed_student_is_reported_with_exit_1_and_kept() {
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
     assert!(r["self_check"].as_str().unwrap().contains("agrees"));
+}
+
+#[test]
+fn zero_pads_fold_into_their_convs_exactly() {
+    use candle_core::{DType, Tensor};
+    let teacher = load_model(&crate::common::repo().join("onnx/family-keras.onnx")).unwrap();
+    let (folded, n) = datafree::export::fold_pads(&teacher).unwrap();
+    assert_eq!(n, 5, "the fixture's five 'same' Pads");
+    assert!(
+        folded
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .all(|n| n.op_type != "Pad")
+    );
+    let folded = datafree::onnx::LoadedModel::from_proto(&teacher.path, folded);
+    let host = candle_core::Device::Cpu;
+    let x: Vec<f32> = (0..2 * 3 * 32 * 32)
+        .map(|i| ((i * 37) % 256) as f32)
+        .collect();
+    let x = Tensor::from_vec(x, (2, 3, 32, 32), &host).unwrap();
+    let run = |m| {
+        let y = datafree::lower::lower(m, &host, DType::F32)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (run(&teacher), run(&folded));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff <= 1e-4 * a.iter().fold(1f32, |m, v| m.max(v.abs())),
+        "max diff {diff}"
+    );
 }
