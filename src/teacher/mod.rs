@@ -1,8 +1,8 @@
 //! The teacher, analysed once per run: the model file (proto and folder), its inspection
 //! (signature, op histogram, BatchNormalization statistics and verdict, what the lowering
 //! supports), its interface (input layout, output kind) and core, its input geometry and class
-//! count, and its input domain. Every later stage takes a `&Teacher` instead of
-//! re-deriving these from the file.
+//! count, and its input domain. Every later stage takes a `&Teacher` instead of re-deriving
+//! these from the file.
 
 pub mod domain;
 mod infer;
