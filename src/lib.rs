@@ -8,6 +8,7 @@
 //! [`pipeline`] (compress, top to bottom) -> [`report`] (human renderings); [`data`], [`plot`],
 //! [`io`] and [`device`] beside. The binary in `main.rs` is a thin clap front end over [`cli`].
 
+pub mod arch;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -2,6 +2,7 @@
 //! to the library. Exit codes: 0 success, 1 a check did not pass, 2 bad input or usage.
 
 pub mod args;
+mod student;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -224,6 +225,30 @@ pub enum Command {
         #[arg(long)]
         junit: Option<PathBuf>,
     },
+    /// Write a freshly initialised student architecture as ONNX (BN kept, NCHW, dynamic
+    /// batch), to distil a teacher into with `compress --method cpsc --student`.
+    Student {
+        #[arg(long, value_enum)]
+        arch: crate::arch::Arch,
+        /// Number of classes (the teacher's).
+        #[arg(long)]
+        classes: usize,
+        /// Input shape CxHxW (the teacher's).
+        #[arg(long, default_value = "3x32x32", value_parser = student::parse_chw)]
+        input: (usize, usize, usize),
+        /// The ONNX file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the initial weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Overwrite --out.
+        #[arg(long)]
+        force: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the environment: ONNX Runtime library location and version.
     Doctor {
         /// Print JSON.
@@ -291,6 +316,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })?;
             run(cli)
         }
+        Command::Student {
+            arch,
+            classes,
+            input,
+            out,
+            seed,
+            force,
+            json,
+        } => student::run(arch, classes, input, &out, seed, force, json),
         Command::Inspect { model, pre, json } => {
             let loaded = onnx::load_model(&model)?;
             onnx::check::parameters(&loaded)?;

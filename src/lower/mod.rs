@@ -3,6 +3,7 @@
 //! the [`Program`], which runs the graph on candle tensors with taps for training losses (every
 //! BatchNormalization input, the penultimate feature).
 
+pub mod cost;
 pub mod ops;
 pub mod program;
 pub mod value;

@@ -107,6 +107,13 @@ pub fn render_inspect(r: &InspectReport, domain: Option<&crate::teacher::InputDo
         p.initializers,
         p.constant_nodes
     );
+    if let Some(m) = r.macs_per_image {
+        let _ = writeln!(
+            o,
+            "  compute    {:.2} M multiply-accumulates per image",
+            m as f64 / 1e6
+        );
+    }
     let bn = &r.batch_norm;
     let _ = writeln!(
         o,

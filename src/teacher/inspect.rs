@@ -34,6 +34,9 @@ pub struct InspectReport {
     /// op type -> number of nodes (domain-qualified for non-default domains).
     pub op_histogram: BTreeMap<String, usize>,
     pub parameters: Parameters,
+    /// Multiply-accumulates per image (Conv, Gemm, MatMul), from one forward pass; absent when
+    /// the input has no fixed image shape or the graph cannot be lowered.
+    pub macs_per_image: Option<u64>,
     pub classes: Option<usize>,
     /// What the outputs are (logits, or probabilities from a final Softmax); absent when the
     /// interface cannot be read (the reason is the error `compress` gives).
@@ -257,6 +260,17 @@ pub fn inspect(model: &LoadedModel) -> InspectReport {
         producer_name: p.producer_name.clone(),
         producer_version: p.producer_version.clone(),
         graph_name: g.name.clone(),
+        macs_per_image: input_resolution(&inputs)
+            .filter(|_| unsupported.is_empty())
+            .and_then(|r| {
+                let (c, h, w) = (r.channels as usize, r.height as usize, r.width as usize);
+                let shape = if r.layout == "NHWC" {
+                    [1, h, w, c]
+                } else {
+                    [1, c, h, w]
+                };
+                crate::lower::cost::macs(model, &shape).ok()
+            }),
         input_resolution: input_resolution(&inputs),
         output_kind: crate::onnx::interface::Interface::of(model)
             .ok()
