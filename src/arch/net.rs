@@ -107,6 +107,7 @@ impl Net {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn conv_bn(
         &mut self,
         p: &str,

@@ -16,9 +16,10 @@ use crate::train::gdfq::{Config as TrainConfig, GeneratorFamily, Preset, RangeSo
 /// The `datafree compress` flags (also what pipeline files set).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CompressArgs {
-    /// Bit widths: wNaM (N-bit weights, M-bit activations), N and M in 2..=8.
+    /// Bit widths: wNaM (N-bit weights, M-bit activations), N and M in 2..=8; or fp32 (a
+    /// float student, with --method cpsc).
     #[arg(long, default_value = "w8a8")]
-    pub bits: BitSpec,
+    pub bits: super::distil::Bits,
     /// How activation ranges are found without data.
     #[arg(long, value_enum, default_value_t = Method::PtqBn)]
     pub method: Method,
@@ -83,6 +84,8 @@ pub struct CompressArgs {
     pub gdfq: GdfqArgs,
     #[command(flatten)]
     pub autorecon: AutoreconArgs,
+    #[command(flatten)]
+    pub cpsc: super::distil::CpscArgs,
 }
 
 /// Flags of `--method autorecon`.
@@ -182,6 +185,17 @@ impl SearchArgs {
 impl CompressArgs {
     /// The library configuration these flags stand for.
     pub fn config(&self) -> Result<CompressConfig> {
+        match self.bits {
+            super::distil::Bits::Quant(b) => self.config_with_bits(b),
+            super::distil::Bits::Float => anyhow::bail!(
+                "--bits fp32 makes a float student of another architecture: use it with --method cpsc --student S.onnx; --method {} quantizes (wNaM)",
+                self.method.name()
+            ),
+        }
+    }
+
+    /// [`Self::config`] at bit widths `bits`.
+    pub fn config_with_bits(&self, bits: BitSpec) -> Result<CompressConfig> {
         // GDFQ's flags are checked only where they are used.
         let train = self.gdfq.config(self.seed, self.method.trains())?;
         let search_preset = match self.gdfq.preset {
@@ -195,7 +209,7 @@ impl CompressArgs {
         };
         let c = CompressConfig {
             method: self.method,
-            bits: self.bits,
+            bits,
             first_last_bits: self.first_last_bits,
             weight_scheme: self.weight_scheme,
             scales: self.scales,

@@ -2,6 +2,7 @@
 //! to the library. Exit codes: 0 success, 1 a check did not pass, 2 bad input or usage.
 
 pub mod args;
+mod distil;
 mod student;
 
 use std::path::PathBuf;
@@ -454,6 +455,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ds = d
                 .map(|s| data::open(&s, teacher.height, teacher.width))
                 .transpose()?;
+            if opts.method == crate::methods::Method::Cpsc {
+                return distil::run(&teacher, &out, force, &opts, ds.as_ref(), json);
+            }
             // Bad settings are refused before anything is written.
             let cfg = opts.config()?;
             cfg.check(&teacher)?;

@@ -27,8 +27,15 @@ pub struct GdfqConfig {
     /// BN epsilons of the two inner BNs: 0.8 in the reference (a positional-argument slip,
     /// kept for fidelity).
     pub inner_eps: f64,
+    /// Epsilon of the first and the last BN (1e-5 in GDFQ, 1e-3 in CPSC-DFKD).
+    #[serde(default = "default_eps")]
+    pub eps: f64,
     /// Class-conditional BN everywhere instead of the label embedding (the ImageNet generator).
     pub conditional_bn: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
 }
 
 impl GdfqConfig {
@@ -40,7 +47,21 @@ impl GdfqConfig {
             size,
             width: 128,
             inner_eps: 0.8,
+            eps: default_eps(),
             conditional_bn: false,
+        }
+    }
+
+    /// The CPSC-DFKD generator: latent 256, every BN with eps 1e-3; `cfe` = categorical feature
+    /// embeddings (class-conditional BN everywhere), else plain BN after a label embedding (the
+    /// paper's "BN" ablation).
+    pub fn cpsc(classes: usize, channels: usize, size: usize, cfe: bool) -> Self {
+        GdfqConfig {
+            latent: 256,
+            inner_eps: 1e-3,
+            eps: 1e-3,
+            conditional_bn: cfe,
+            ..Self::cifar(classes, channels, size)
         }
     }
 
@@ -159,7 +180,7 @@ impl GdfqGenerator {
             .matmul(&self.l1.0.t()?)?
             .broadcast_add(&self.l1.1)?
             .reshape((n, w, s, s))?;
-        let h = batch_norm(&h, Some((&bn0.0, &bn0.1)), 1e-5)?;
+        let h = batch_norm(&h, Some((&bn0.0, &bn0.1)), self.cfg.eps)?;
         let h = upsample2d(&h, 2, UpMode::Nearest)?;
         let h = conv2d(&h, &self.conv1, same)?;
         let h = batch_norm(&h, Some((&bn1.0, &bn1.1)), self.cfg.inner_eps)?;
@@ -174,9 +195,9 @@ impl GdfqGenerator {
         match &self.bn_out {
             Some(t) => {
                 let (g, b) = pick(t)?;
-                batch_norm(&h, Some((&g, &b)), 1e-5)
+                batch_norm(&h, Some((&g, &b)), self.cfg.eps)
             }
-            None => batch_norm(&h, None, 1e-5),
+            None => batch_norm(&h, None, self.cfg.eps),
         }
     }
 }

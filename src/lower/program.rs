@@ -348,6 +348,27 @@ impl Program {
         self.ctx.bn_batch_stats = on;
     }
 
+    /// Replaces the value of the constant (initializer) `name`, e.g. BN running statistics a
+    /// run keeps up to date; its shape must not change.
+    pub fn set_constant(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let slot = *self
+            .slot_of
+            .get(name)
+            .ok_or_else(|| anyhow!("the graph has no tensor '{name}'"))?;
+        let c = self
+            .constants
+            .iter_mut()
+            .find(|(s, _)| *s == slot)
+            .ok_or_else(|| anyhow!("'{name}' is not a constant of the graph"))?;
+        match &c.1 {
+            Value::F(old) if old.dims() == t.dims() => {
+                c.1 = Value::F(t.to_dtype(self.ctx.dtype)?.to_device(&self.ctx.device)?);
+                Ok(())
+            }
+            _ => anyhow::bail!("'{name}' is not a float constant of shape {:?}", t.dims()),
+        }
+    }
+
     /// The tapped BatchNormalization layers and their running statistics.
     pub fn bn_taps(&self) -> &[BnTap] {
         &self.bn_taps

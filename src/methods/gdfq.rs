@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use serde::Serialize;
 
 use super::{Context, MethodOutput, MethodReport, RangeOrigin};
@@ -155,24 +155,12 @@ fn train(
     ));
     let (channels, size) = teacher.image();
     let eval_fn = |p: &crate::lower::Program| -> Result<f64> {
-        let d = ctx.data.expect("eval only with data");
-        let pre = teacher.preprocess();
-        let n = d.len().min(ctx.run.eval_images).max(1);
-        // Evenly spaced images: folders list one class after another, so the first N would
-        // cover only the first classes.
-        let picks: Vec<usize> = (0..n).map(|i| i * d.len() / n).collect();
-        let mut correct = 0usize;
-        for chunk in picks.chunks(200) {
-            let px: Vec<f32> = chunk.iter().flat_map(|&i| pre.batch(d, i..i + 1)).collect();
-            let x = Tensor::from_vec(px, (chunk.len(), channels, size, size), ctx.device)?;
-            let pred: Vec<u32> = p.forward(&x)?.argmax(1)?.to_vec1()?;
-            correct += pred
-                .iter()
-                .zip(chunk)
-                .filter(|(a, i)| **a as usize == d.labels[**i])
-                .count();
-        }
-        Ok(100.0 * correct as f64 / n as f64)
+        super::program_top1(
+            p,
+            teacher,
+            ctx.data.expect("eval only with data"),
+            ctx.run.eval_images,
+        )
     };
     let eval_ref: &gdfq::EvalFn = &eval_fn;
     let is_autorecon = cfg.generator == GeneratorFamily::Autorecon && cfg.genotype.is_some();

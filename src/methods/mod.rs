@@ -41,6 +41,9 @@ pub enum Method {
     /// AutoReCon: GDFQ with a generator whose architecture was searched for this teacher
     /// (`datafree search`; runs the search first unless --genotype is given).
     Autorecon,
+    /// CPSC-DFKD: distil into another architecture (--student), trained from scratch by a
+    /// class-conditional generator in adversarial rounds; float (--bits fp32) or then quantized.
+    Cpsc,
 }
 
 impl Method {
@@ -57,6 +60,7 @@ impl Method {
             Method::Zeroq => "zeroq",
             Method::Gdfq => "gdfq",
             Method::Autorecon => "autorecon",
+            Method::Cpsc => "cpsc",
         }
     }
 }
@@ -166,6 +170,34 @@ pub struct RunSettings {
     pub stop_after: Option<usize>,
 }
 
+/// Top-1 (%) of a lowered program on up to `images` evenly spaced images of `d`, preprocessed
+/// as the teacher's inputs (the training runs' evaluation hook).
+pub fn program_top1(
+    p: &crate::lower::Program,
+    teacher: &Teacher,
+    d: &Dataset,
+    images: usize,
+) -> Result<f64> {
+    let pre = teacher.preprocess();
+    let (channels, size) = teacher.image();
+    let n = d.len().min(images).max(1);
+    // Evenly spaced images: folders list one class after another, so the first N would cover
+    // only the first classes.
+    let picks: Vec<usize> = (0..n).map(|i| i * d.len() / n).collect();
+    let mut correct = 0usize;
+    for chunk in picks.chunks(200) {
+        let px: Vec<f32> = chunk.iter().flat_map(|&i| pre.batch(d, i..i + 1)).collect();
+        let x = candle_core::Tensor::from_vec(px, (chunk.len(), channels, size, size), p.device())?;
+        let pred: Vec<u32> = p.forward(&x)?.argmax(1)?.to_vec1()?;
+        correct += pred
+            .iter()
+            .zip(chunk)
+            .filter(|(a, i)| **a as usize == d.labels[**i])
+            .count();
+    }
+    Ok(100.0 * correct as f64 / n as f64)
+}
+
 /// Everything a method may need.
 pub struct Context<'a> {
     pub teacher: &'a Teacher,
@@ -271,5 +303,8 @@ pub fn run(method: Method, ctx: &Context, log: &mut dyn FnMut(&str)) -> Result<M
         Method::Zeroq => ptq::zeroq(ctx, log),
         Method::Gdfq => gdfq::run(ctx, None, log),
         Method::Autorecon => autorecon::run(ctx, log),
+        Method::Cpsc => anyhow::bail!(
+            "--method cpsc trains another architecture: it runs through `compress --student`, not as a quantization method"
+        ),
     }
 }

@@ -3,6 +3,7 @@
 //! export (DIR/student.onnx, atomically) -> verification in ONNX Runtime against our simulation
 //! and the teacher -> report (DIR/report.json). `recipe` reads the declarative pipeline files.
 
+pub mod distil;
 pub mod recipe;
 pub mod report;
 

@@ -124,6 +124,82 @@ pub fn feature_loss(student: &[Tensor], teacher: &[Tensor]) -> Result<Tensor> {
     Ok((total.expect("non-empty") / student.len() as f64)?)
 }
 
+/// The DeepInversion/CMI BN prior CPSC-DFKD uses: over the teacher's BN layers, the sum of the
+/// (un-squared) L2 norms of the batch mean's and the batch variance's differences from the
+/// running statistics.
+pub fn bn_prior(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
+    ensure!(
+        !taps.is_empty() && inputs.len() == taps.len(),
+        "the BN prior needs the BN taps of the teacher ({} inputs, {} taps)",
+        inputs.len(),
+        taps.len()
+    );
+    let mut total: Option<Tensor> = None;
+    for (x, tap) in inputs.iter().zip(taps) {
+        let (m, v) = channel_moments(x)?;
+        let rm = Tensor::new(tap.stats.running_mean.as_slice(), x.device())?.to_dtype(x.dtype())?;
+        let rv = Tensor::new(tap.stats.running_var.as_slice(), x.device())?.to_dtype(x.dtype())?;
+        let l = ((m - rm)?.sqr()?.sum_all()?.sqrt()? + (v - rv)?.sqr()?.sum_all()?.sqrt()?)?;
+        total = Some(match total {
+            None => l,
+            Some(t) => (t + l)?,
+        });
+    }
+    Ok(total.expect("non-empty"))
+}
+
+/// KL(softmax(teacher) || softmax(student)) at temperature 1, summed over classes and averaged
+/// over the batch (PyTorch's `batchmean`).
+pub fn kl_batchmean(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let ls = candle_nn::ops::log_softmax(student, candle_core::D::Minus1)?;
+    let lt = candle_nn::ops::log_softmax(teacher, candle_core::D::Minus1)?;
+    Ok((lt.exp()? * (lt - ls)?)?.sum(1)?.mean_all()?)
+}
+
+/// Supervised contrastive loss (Khosla et al.) over two views per sample (`a`, `b`: N x D,
+/// L2-normalised here), positives = the other samples of the same label (the other view of the
+/// same sample included), at temperature `tau`.
+pub fn supcon(a: &Tensor, b: &Tensor, labels: &[u32], tau: f64) -> Result<Tensor> {
+    let n = labels.len();
+    ensure!(
+        a.dim(0)? == n && b.dim(0)? == n,
+        "supcon: {n} labels for {} and {} features",
+        a.dim(0)?,
+        b.dim(0)?
+    );
+    let norm = |x: &Tensor| -> Result<Tensor> {
+        let l = (x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
+        Ok(x.broadcast_div(&l)?)
+    };
+    let f = Tensor::cat(&[norm(a)?, norm(b)?], 0)?;
+    let sim = (f.matmul(&f.t()?)? / tau)?;
+    // Subtracting each row's maximum (a constant for the softmax) keeps exp finite.
+    let sim = sim.broadcast_sub(&sim.max_keepdim(1)?.detach())?;
+    let m = 2 * n;
+    let label = |i: usize| labels[i % n];
+    let others: Vec<f32> = (0..m * m)
+        .map(|k| if k / m == k % m { 0.0 } else { 1.0 })
+        .collect();
+    let pos: Vec<f32> = (0..m * m)
+        .map(|k| {
+            let (i, j) = (k / m, k % m);
+            if i != j && label(i) == label(j) {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let dev = a.device();
+    let others = Tensor::from_vec(others, (m, m), dev)?.to_dtype(sim.dtype())?;
+    let pos = Tensor::from_vec(pos, (m, m), dev)?.to_dtype(sim.dtype())?;
+    let log_den = (sim.exp()? * &others)?.sum_keepdim(1)?.log()?;
+    let log_prob = sim.broadcast_sub(&log_den)?;
+    // Every anchor has at least one positive: its other view.
+    let mean_pos = ((log_prob * &pos)?.sum(1)? / pos.sum(1)?)?;
+    Ok(mean_pos.mean_all()?.neg()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

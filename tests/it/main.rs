@@ -10,6 +10,7 @@ mod fixtures;
 mod autorecon;
 mod cli_errors;
 mod compress;
+mod cpsc;
 mod family_teachers;
 mod gdfq;
 mod inspect_fixtures;

@@ -22,6 +22,7 @@ mod config;
 mod step;
 
 pub use config::{Config, GeneratorFamily, Preset, RangeSource};
+pub(crate) use step::save_samples;
 use step::{Run, clamp_var};
 
 use super::engine::{self, LogLine};

@@ -404,7 +404,7 @@ pub(super) fn clamp_var(
 
 /// Samples a grid: one row per class (up to 10 classes), 8 images each, from fixed latents,
 /// shown as the pixels the teacher's domain maps them back to.
-fn save_samples(
+pub(crate) fn save_samples(
     g: &dyn Generator,
     path: &Path,
     classes: usize,

@@ -1,0 +1,435 @@
+//! One CPSC-DFKD round (generator steps, then student steps), the student's running
+//! statistics, the contrastive projection head, and the round's checkpointed state.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{Config, Io, Metrics, Variant};
+use crate::generator::Generator;
+use crate::generator::params::{Params, load_tensors, save_tensors};
+use crate::lower::Program;
+use crate::train::engine::{self, Step, finite};
+use crate::train::losses::{bn_prior, channel_moments, kl_batchmean, supcon};
+use crate::train::optim::{Adam, Sgd, State, clip_grad_norm};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    config: Config,
+    rng_word_pos: String,
+}
+
+/// The MLP that maps the student's penultimate features to the teacher's size for the
+/// contrastive loss (two hidden layers of the teacher's width, ReLU).
+struct Projection {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl Projection {
+    fn new(p: &mut Params, from: usize, to: usize, rng: &mut ChaCha8Rng) -> Result<Self> {
+        let mut layers = Vec::new();
+        for (i, (a, b)) in [(from, to), (to, to), (to, to)].into_iter().enumerate() {
+            let bound = 1.0 / (a as f64).sqrt();
+            layers.push((
+                p.uniform(&format!("proj.{i}.weight"), &[b, a], bound, rng)?,
+                p.uniform(&format!("proj.{i}.bias"), &[b], bound, rng)?,
+            ));
+        }
+        Ok(Projection { layers })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, (w, b)) in self.layers.iter().enumerate() {
+            h = h.matmul(&w.t()?)?.broadcast_add(b)?;
+            if i + 1 < self.layers.len() {
+                h = h.relu()?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// A student BatchNormalization's running statistics (EMA of batch moments).
+struct Running {
+    mean_name: String,
+    var_name: String,
+    mean: Tensor,
+    var: Tensor,
+}
+
+pub(super) struct Run<'a> {
+    cfg: Config,
+    teacher: &'a Program,
+    student: &'a mut Program,
+    generator: Box<dyn Generator>,
+    /// The generator's parameters and the projection head's, trained by one Adam.
+    head: Params,
+    projection: Option<Projection>,
+    gen_opt: Adam,
+    student_opt: Sgd,
+    running: Vec<Running>,
+    rng: ChaCha8Rng,
+    classes: usize,
+    io: &'a Io<'a>,
+    device: Device,
+}
+
+/// A scalar's value, refused when not finite.
+fn value(t: &Tensor, what: &str, iter: usize) -> Result<f64> {
+    finite(
+        t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64,
+        what,
+        iter,
+    )
+}
+
+fn flat(t: &Tensor) -> Result<Tensor> {
+    Ok(t.flatten_from(1)?)
+}
+
+impl<'a> Run<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        teacher: &'a Program,
+        student: &'a mut Program,
+        student_model: &crate::onnx::LoadedModel,
+        generator: Box<dyn Generator>,
+        classes: usize,
+        cfg: Config,
+        io: &'a Io<'a>,
+        device: Device,
+    ) -> Result<Self> {
+        let mut rng = super::rng(&cfg);
+        // The projection's sizes: one probe image through both networks.
+        let mut head = Params::new(&device);
+        let projection = if cfg.variant == Variant::Cpsc && cfg.contrastive_weight > 0.0 {
+            let (c, s) = generator.image();
+            let probe = Tensor::zeros((2, c, s, s), DType::F32, &device)?;
+            let t = teacher.forward_taps(&probe)?.penultimate;
+            let st = student.forward_taps(&probe)?.penultimate;
+            match (t, st) {
+                (Some(t), Some(st)) => Some(Projection::new(
+                    &mut head,
+                    flat(&st)?.dim(1)?,
+                    flat(&t)?.dim(1)?,
+                    &mut rng,
+                )?),
+                _ => anyhow::bail!(
+                    "the contrastive loss needs the penultimate features of teacher and student (the input of a final Gemm/MatMul classifier); one has none: use --contrastive-weight 0"
+                ),
+            }
+        } else {
+            None
+        };
+        let graph = student_model.graph();
+        let running = student
+            .bn_taps()
+            .iter()
+            .map(|tap| {
+                let n = &graph.node[tap.node_index];
+                Ok(Running {
+                    mean_name: n.input[3].clone(),
+                    var_name: n.input[4].clone(),
+                    mean: Tensor::new(tap.stats.running_mean.as_slice(), &device)?,
+                    var: Tensor::new(tap.stats.running_var.as_slice(), &device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut gen_vars = generator.params().vars();
+        gen_vars.extend(head.vars());
+        let student_vars = student.vars().iter().map(|(_, v)| v.clone()).collect();
+        let (gen_opt, student_opt) = super::optimisers(&cfg, gen_vars, student_vars);
+        Ok(Run {
+            cfg,
+            teacher,
+            student,
+            generator,
+            head,
+            projection,
+            gen_opt,
+            student_opt,
+            running,
+            rng,
+            classes,
+            io,
+            device,
+        })
+    }
+
+    fn images(&mut self) -> Result<(Tensor, Tensor, Vec<u32>)> {
+        let (z, y) = crate::generator::sample(
+            &mut self.rng,
+            self.cfg.batch,
+            self.generator.latent(),
+            self.classes,
+            &self.device,
+        )?;
+        let x = crate::generator::to_domain(&self.generator.forward(&z, &y)?, self.io.domain)?;
+        let labels = y.to_vec1::<u32>()?;
+        Ok((x, y, labels))
+    }
+
+    /// EMA of the student's BN batch moments (unbiased variance, as PyTorch keeps it).
+    fn track(&mut self, bn_inputs: &[Tensor]) -> Result<()> {
+        let m = self.cfg.bn_momentum;
+        for (r, x) in self.running.iter_mut().zip(bn_inputs) {
+            let x = x.detach();
+            let n = (x.elem_count() / x.dim(1)?.max(1)) as f64;
+            let (mean, var) = channel_moments(&x)?;
+            let var = (var * (n / (n - 1.0).max(1.0)))?;
+            r.mean = ((&r.mean * (1.0 - m))? + (mean * m)?)?;
+            r.var = ((&r.var * (1.0 - m))? + (var * m)?)?;
+        }
+        Ok(())
+    }
+
+    /// The student in inference mode (running statistics), for evaluation.
+    fn with_running_stats<T>(&mut self, f: impl FnOnce(&Program) -> Result<T>) -> Result<T> {
+        for r in &self.running {
+            self.student.set_constant(&r.mean_name, &r.mean)?;
+            self.student.set_constant(&r.var_name, &r.var)?;
+        }
+        self.student.set_bn_batch_stats(false);
+        let out = f(self.student);
+        self.student.set_bn_batch_stats(true);
+        out
+    }
+
+    /// The discrepancy between student and teacher logits: (total, KL or L1, L2).
+    fn discrepancy(&self, s: &Tensor, t: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if self.cfg.variant == Variant::Dfad {
+            let l1 = (s - t)?.abs()?.mean_all()?;
+            let zero = l1.zeros_like()?;
+            return Ok((l1.clone(), l1, zero));
+        }
+        let kl = kl_batchmean(s, t)?;
+        let l2 = (s - t)?.sqr()?.mean_all()?;
+        Ok((((&kl) + (&l2 * self.cfg.l2_weight)?)?, kl, l2))
+    }
+
+    /// One generator step: (loss, adversarial, BN prior, contrastive, CE).
+    fn generator_step(&mut self, iter: usize) -> Result<[f64; 5]> {
+        let (x, y, labels) = self.images()?;
+        let tf = self.teacher.forward_taps(&x)?;
+        let cfg = self.cfg.clone();
+        let zero = || -> Result<Tensor> { Ok(Tensor::zeros((), DType::F32, &self.device)?) };
+        let (mut loss, mut adv_v, mut con_v) = (zero()?, 0.0, 0.0);
+        if cfg.variant != Variant::BnPrior {
+            let sf = self.student.forward_taps(&x)?;
+            self.track(&sf.bn_inputs)?;
+            let (adv, _, _) = self.discrepancy(&sf.logits, &tf.logits)?;
+            adv_v = value(&adv, "the adversarial loss", iter)?;
+            loss = adv.neg()?;
+            if let (Some(p), Some(tp), Some(sp)) =
+                (&self.projection, &tf.penultimate, &sf.penultimate)
+            {
+                let con = supcon(
+                    &flat(tp)?,
+                    &p.forward(&flat(sp)?)?,
+                    &labels,
+                    cfg.contrastive_temperature,
+                )?;
+                con_v = value(&con, "the contrastive loss", iter)?;
+                loss = (loss + (con * cfg.contrastive_weight)?)?;
+            }
+        }
+        let (mut bn_v, mut ce_v) = (0.0, 0.0);
+        if cfg.variant != Variant::Dfad {
+            let bn = bn_prior(&tf.bn_inputs, self.teacher.bn_taps())?;
+            bn_v = value(&bn, "the BN prior", iter)?;
+            let ce = candle_nn::loss::cross_entropy(&tf.logits, &y)?;
+            ce_v = value(&ce, "the generator's CE", iter)?;
+            loss = ((loss + (bn * cfg.bn_weight)?)? + (ce * cfg.ce_weight)?)?;
+        }
+        let loss_v = value(&loss, "the generator's loss", iter)?;
+        self.gen_opt.lr = cfg.generator_lr_at(iter);
+        self.gen_opt.step(&loss.backward()?)?;
+        Ok([loss_v, adv_v, bn_v, con_v, ce_v])
+    }
+
+    /// One student step: (KD or L1, L2, CE).
+    fn student_step(&mut self, iter: usize) -> Result<[f64; 3]> {
+        let (x, y, _) = self.images()?;
+        let x = x.detach();
+        let t = self.teacher.forward(&x)?.detach();
+        let sf = self.student.forward_taps(&x)?;
+        self.track(&sf.bn_inputs)?;
+        let (mut loss, kd, l2) = self.discrepancy(&sf.logits, &t)?;
+        let mut ce_v = 0.0;
+        if self.cfg.variant != Variant::Dfad && self.cfg.student_ce_weight > 0.0 {
+            let ce = candle_nn::loss::cross_entropy(&sf.logits, &y)?;
+            ce_v = value(&ce, "the student's CE", iter)?;
+            loss = (loss + (ce * self.cfg.student_ce_weight)?)?;
+        }
+        value(&loss, "the student's loss", iter)?;
+        self.student_opt.lr = self.cfg.student_lr_at(iter);
+        let mut grads = loss.backward()?;
+        let vars: Vec<candle_core::Var> =
+            self.student.vars().iter().map(|(_, v)| v.clone()).collect();
+        clip_grad_norm(&mut grads, &vars, self.cfg.student_grad_clip)?;
+        self.student_opt.step(&grads)?;
+        Ok([
+            value(&kd, "the distillation loss", iter)?,
+            value(&l2, "the L2 loss", iter)?,
+            ce_v,
+        ])
+    }
+
+    /// Every trained value of the student by initializer name (running statistics included).
+    pub(super) fn values(&self) -> Result<HashMap<String, Vec<f32>>> {
+        let mut out = HashMap::new();
+        for (n, v) in self.student.vars() {
+            out.insert(
+                n.clone(),
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            );
+        }
+        for r in &self.running {
+            out.insert(r.mean_name.clone(), r.mean.to_vec1()?);
+            out.insert(r.var_name.clone(), r.var.to_vec1()?);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn generator_size(&self) -> (usize, u64) {
+        (
+            self.generator.params().count(),
+            self.generator.macs_per_image(),
+        )
+    }
+}
+
+impl Step for Run<'_> {
+    type Log = Metrics;
+
+    fn step(&mut self, iter: usize) -> Result<Metrics> {
+        let mut g = [0.0; 5];
+        for _ in 0..self.cfg.generator_steps {
+            g = self.generator_step(iter)?;
+        }
+        let mut s = [0.0; 3];
+        for _ in 0..self.cfg.student_steps {
+            s = self.student_step(iter)?;
+        }
+        let done = iter + 1;
+        let total = self.cfg.total_rounds();
+        let eval_top1 = match self.io.eval {
+            Some((every, f)) if every > 0 && (done.is_multiple_of(every) || done == total) => {
+                Some(self.with_running_stats(f)?)
+            }
+            _ => None,
+        };
+        Ok(Metrics {
+            iter,
+            epoch: iter / self.cfg.rounds_per_epoch,
+            generator_loss: g[0],
+            adversarial: g[1],
+            bn_prior: g[2],
+            contrastive: g[3],
+            generator_ce: g[4],
+            student_kd: s[0],
+            student_l2: s[1],
+            student_ce: s[2],
+            student_lr: self.cfg.student_lr_at(iter),
+            eval_top1,
+            seconds: 0.0,
+        })
+    }
+
+    fn after(&mut self, done: usize, total: usize) -> Result<()> {
+        let every = self.io.grid_every;
+        if every > 0 && (done.is_multiple_of(every) || done == total) {
+            let p = self.io.out.join(format!("samples-{done:06}.png"));
+            crate::train::gdfq::save_samples(
+                self.generator.as_ref(),
+                &p,
+                self.classes,
+                self.io.domain,
+                &self.device,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn save(&self, tmp: &Path) -> Result<()> {
+        self.generator
+            .params()
+            .save(&tmp.join("generator.safetensors"))?;
+        self.head.save(&tmp.join("projection.safetensors"))?;
+        let mut student: Vec<(String, Tensor)> = self
+            .student
+            .vars()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        for r in &self.running {
+            student.push((r.mean_name.clone(), r.mean.clone()));
+            student.push((r.var_name.clone(), r.var.clone()));
+        }
+        save_tensors(&tmp.join("student.safetensors"), student)?;
+        save_tensors(
+            &tmp.join("generator-adam.safetensors"),
+            self.gen_opt.state()?,
+        )?;
+        save_tensors(
+            &tmp.join("student-sgd.safetensors"),
+            self.student_opt.state()?,
+        )
+    }
+
+    fn state(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let s = CheckpointState {
+            config: self.cfg.clone(),
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+        };
+        match serde_json::to_value(s)? {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => unreachable!("a struct serializes to an object"),
+        }
+    }
+
+    fn load(
+        &mut self,
+        dir: &Path,
+        state: serde_json::Map<String, serde_json::Value>,
+        _iter: usize,
+    ) -> Result<()> {
+        let state: CheckpointState =
+            engine::checked_state(dir, state, &self.cfg, |s: &CheckpointState| &s.config)?;
+        self.generator
+            .params_mut()
+            .load(&dir.join("generator.safetensors"))?;
+        self.head.load(&dir.join("projection.safetensors"))?;
+        let saved = load_tensors(&dir.join("student.safetensors"), &self.device)?;
+        let get = |name: &str| -> Result<&Tensor> {
+            saved
+                .get(name)
+                .with_context(|| format!("{}: student tensor {name} missing", dir.display()))
+        };
+        for (name, var) in self.student.vars() {
+            var.set(get(name)?)?;
+        }
+        for r in &mut self.running {
+            r.mean = get(&r.mean_name)?.clone();
+            r.var = get(&r.var_name)?.clone();
+        }
+        self.gen_opt.load_state(&load_tensors(
+            &dir.join("generator-adam.safetensors"),
+            &self.device,
+        )?)?;
+        self.student_opt.load_state(&load_tensors(
+            &dir.join("student-sgd.safetensors"),
+            &self.device,
+        )?)?;
+        self.rng.set_word_pos(state.rng_word_pos.parse()?);
+        Ok(())
+    }
+}

@@ -1,0 +1,259 @@
+//! Distillation into another architecture: the student architectures (`datafree student`) and
+//! CPSC-DFKD (`compress --method cpsc`) end to end on the quick-start teacher at the tiny
+//! budget, its resume, and what it refuses.
+
+use std::path::Path;
+
+use crate::common::{QUICKSTART, assert_success, datafree};
+use candle_core::{Device, Tensor};
+
+const ARCHS: &[&str] = &[
+    "resnet8",
+    "resnet20",
+    "resnet8-small",
+    "resnet20-small",
+    "wrn-10-1",
+    "wrn-16-1",
+    "wrn-16-2",
+    "wrn-40-1",
+    "mobilenetv2",
+];
+
+fn student(dir: &Path, arch: &str, classes: usize) -> std::path::PathBuf {
+    let p = dir.join(format!("{arch}-{classes}.onnx"));
+    let c = classes.to_string();
+    let out = datafree(&[
+        "student",
+        "--arch",
+        arch,
+        "--classes",
+        &c,
+        "--out",
+        p.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_success(&out);
+    p
+}
+
+#[test]
+fn every_student_architecture_runs_alike_in_candle_and_ort_with_the_expected_size() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let p = student(dir.path(), arch, 10);
+        let out = datafree(&["check", p.to_str().unwrap(), "--limit", "4"]);
+        assert_success(&out);
+        let out = datafree(&["inspect", p.to_str().unwrap(), "--json"]);
+        assert_success(&out);
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let params = j["parameters"]["count"].as_u64().unwrap();
+        let macs = j["macs_per_image"].as_u64().unwrap();
+        // Parameters (running statistics included) and MACs of the published architectures:
+        // He et al.'s ResNet-20 has 0.27M weights, WRN-16-2 0.69M and ~101M MACs (as CPSC-DFKD's
+        // table lists it), MobileNetV2 2.2-2.3M.
+        let (p_lo, p_hi, m_lo, m_hi) = match *arch {
+            "resnet8" => (70_000, 80_000, 10e6, 15e6),
+            "resnet20" => (265_000, 275_000, 38e6, 43e6),
+            // ../shared/teachers/cifar10_resnet8.onnx: 90,013 in the file (three biases shared).
+            "resnet8-small" => (90_122, 90_122, 21.9e6, 22.0e6),
+            "resnet20-small" => (280_000, 290_000, 45e6, 55e6),
+            // ../shared/teachers/cifar10_wrn10_1_preact.onnx: 78,332 (a 2-value shape constant).
+            "wrn-10-1" => (78_330, 78_330, 12.4e6, 12.6e6),
+            "wrn-16-1" => (170_000, 180_000, 25e6, 28e6),
+            "wrn-16-2" => (690_000, 700_000, 100e6, 102e6),
+            "wrn-40-1" => (560_000, 570_000, 80e6, 86e6),
+            "mobilenetv2" => (2_200_000, 2_300_000, 85e6, 92e6),
+            other => panic!("no expectation for {other}"),
+        };
+        assert!(
+            (p_lo..=p_hi).contains(&params) && (m_lo..=m_hi).contains(&(macs as f64)),
+            "{arch}: {params} parameters, {macs} MACs"
+        );
+    }
+}
+
+#[test]
+fn a_student_that_does_not_fit_the_teacher_or_float_bits_without_cpsc_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s5 = student(dir.path(), "resnet8", 5);
+    let out_dir = dir.path().join("out");
+    let out = datafree(&[
+        "compress",
+        QUICKSTART,
+        "--method",
+        "cpsc",
+        "--student",
+        s5.to_str().unwrap(),
+        "--bits",
+        "fp32",
+        "--preset",
+        "tiny",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("resnet8-5.onnx")
+            && err.contains("quickstart.onnx")
+            && err.contains("5 classes")
+            && err.contains("10 classes"),
+        "{err}"
+    );
+    assert!(!out_dir.join("student.onnx").exists());
+    let out = datafree(&[
+        "compress",
+        QUICKSTART,
+        "--bits",
+        "fp32",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--method cpsc"));
+    let out = datafree(&[
+        "compress",
+        QUICKSTART,
+        "--method",
+        "cpsc",
+        "--bits",
+        "fp32",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--student"));
+}
+
+fn cpsc(student: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "compress",
+        QUICKSTART,
+        "--method",
+        "cpsc",
+        "--student",
+        student.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+        "--checkpoint-every",
+        "2",
+        "--grid-every",
+        "4",
+        "--verify-images",
+        "32",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    datafree(&args)
+}
+
+#[test]
+fn cpsc_distils_into_a_float_student_that_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path(), "resnet8", 10);
+    let a = dir.path().join("a");
+    let out = cpsc(&s, &a, &["--bits", "fp32", "--bn", "keep"]);
+    assert_success(&out);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["config"]["variant"], "cpsc");
+    assert_eq!(r["student_params"].as_u64(), Some(75_802));
+    assert!(r["verification_synthetic"]["agreement"].as_f64().is_some());
+    // 8 rounds: one metrics line each, with every loss finite.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8);
+    for k in [
+        "adversarial",
+        "bn_prior",
+        "contrastive",
+        "student_kd",
+        "student_l2",
+    ] {
+        assert!(
+            lines.iter().all(|l| l[k].as_f64().unwrap().is_finite()),
+            "{k}"
+        );
+    }
+    assert!(a.join("samples-000008.png").is_file());
+    // The student's BN kept its trained running statistics (they start at 0 and 1).
+    let m = datafree::onnx::load_model(&a.join("student.onnx")).unwrap();
+    let var = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name == "layer1.0.bn1.running_var")
+        .expect("BN kept");
+    let v = datafree::onnx::tensor::decode(var, None).unwrap().to_f32();
+    assert!(v.iter().any(|x| (x - 1.0).abs() > 1e-3), "{v:?}");
+    // Killed after 3 rounds, resumed: the same student, byte for byte.
+    let b = dir.path().join("b");
+    let out = cpsc(
+        &s,
+        &b,
+        &["--bits", "fp32", "--bn", "keep", "--stop-after", "3"],
+    );
+    assert!(!out.status.success());
+    let out = cpsc(
+        &s,
+        &b,
+        &[
+            "--bits",
+            "fp32",
+            "--bn",
+            "keep",
+            "--resume",
+            b.to_str().unwrap(),
+        ],
+    );
+    assert_success(&out);
+    assert_eq!(
+        std::fs::read(a.join("student.onnx")).unwrap(),
+        std::fs::read(b.join("student.onnx")).unwrap()
+    );
+}
+
+#[test]
+fn distil_then_quantize_writes_a_qdq_student_of_the_new_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path(), "wrn-10-1", 10);
+    let a = dir.path().join("a");
+    let out = cpsc(&s, &a, &["--bits", "w8a8", "--variant", "dfad"]);
+    assert_success(&out);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["config"]["variant"], "dfad");
+    let q = &r["quantized"];
+    assert_eq!(q["bits"], "w8a8");
+    let m = datafree::onnx::load_model(&a.join("quantized/student.onnx")).unwrap();
+    let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type.as_str()).collect();
+    assert!(ops.contains(&"QuantizeLinear") && ops.contains(&"DequantizeLinear"));
+    // The quantized file is the distilled student's graph (a pre-activation WRN's Adds).
+    assert!(ops.iter().filter(|o| **o == "Add").count() >= 3);
+}
+
+#[test]
+fn the_contrastive_loss_rewards_views_that_agree_within_a_class() {
+    use datafree::train::losses::supcon;
+    let d = Device::Cpu;
+    let a = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]], &d).unwrap();
+    let labels = [0u32, 1, 0, 1];
+    let same = supcon(&a, &a, &labels, 0.07)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // The second view swapped between classes.
+    let b = Tensor::new(&[[0f32, 1.0], [1.0, 0.0], [0.1, 1.0], [1.0, 0.1]], &d).unwrap();
+    let swapped = supcon(&a, &b, &labels, 0.07)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(same.is_finite() && swapped.is_finite());
+    assert!(same < swapped - 1.0, "aligned {same}, swapped {swapped}");
+}
