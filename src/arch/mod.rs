@@ -75,15 +75,15 @@ pub fn build(
     let name = arch.name();
     let net = Net::new(&name, input, seed);
     Ok(match arch {
-        Arch::Resnet8 => resnet(net, 1, c, classes),
-        Arch::Resnet20 => resnet(net, 3, c, classes),
+        Arch::Resnet8 => resnet(net, 1, c, classes, None),
+        Arch::Resnet20 => resnet(net, 3, c, classes, None),
         Arch::Resnet8Small | Arch::Resnet20Small => {
             ensure!(
                 h.is_multiple_of(16) && w.is_multiple_of(16),
                 "{name}: its 4x4 pool after two stride-2 stages needs sides divisible by 16, got {h}x{w}"
             );
             let n = if arch == Arch::Resnet8Small { 1 } else { 3 };
-            resnet_small(net, n, c, classes, (h / 16) * (w / 16))
+            resnet(net, n, c, classes, Some((h / 16) * (w / 16)))
         }
         Arch::Wrn10_1 => wrn(net, 1, 1, c, classes),
         Arch::Wrn16_1 => wrn(net, 2, 1, c, classes),
@@ -93,11 +93,15 @@ pub fn build(
     })
 }
 
-/// He et al.'s CIFAR ResNet with `n` basic blocks per stage.
-fn resnet(mut net: Net, n: usize, c: usize, classes: usize) -> ModelProto {
-    let x = net.conv_bn("", ("conv1", "bn1"), "input", (c, 16), 3, 1, 1);
+/// The CIFAR ResNets with `n` basic blocks per stage of 16-32-64 channels. `small` = Some(pooled
+/// cells): ResNetSmall (64-channel stem, 1x1 conv + BN projections, a ReLU only after projection
+/// blocks, a 4x4 average pool leaving `pooled` cells); None: He et al.'s (16-channel stem,
+/// option-A shortcuts, a ReLU after every block, global average pool).
+fn resnet(mut net: Net, n: usize, c: usize, classes: usize, small: Option<usize>) -> ModelProto {
+    let stem = if small.is_some() { 64 } else { 16 };
+    let x = net.conv_bn("", ("conv1", "bn1"), "input", (c, stem), 3, 1, 1);
     let mut x = net.relu("relu", &x);
-    let mut cin = 16;
+    let mut cin = stem;
     for (s, cout) in [16, 32, 64].into_iter().enumerate() {
         for b in 0..n {
             let stride = if s > 0 && b == 0 { 2 } else { 1 };
@@ -105,52 +109,34 @@ fn resnet(mut net: Net, n: usize, c: usize, classes: usize) -> ModelProto {
             let y = net.conv_bn(&p, ("conv1", "bn1"), &x, (cin, cout), 3, stride, 1);
             let y = net.relu(&format!("{p}relu1"), &y);
             let y = net.conv_bn(&p, ("conv2", "bn2"), &y, (cout, cout), 3, 1, 1);
-            let short = if stride != 1 || cin != cout {
-                net.subsample_pad(&format!("{p}shortcut"), &x, cout - cin)
-            } else {
-                x.clone()
+            let project = stride != 1 || cin != cout;
+            let short = match (project, small) {
+                (false, _) => x.clone(),
+                (true, Some(_)) => {
+                    let sc = ("shortcut.0", "shortcut.1");
+                    net.conv_bn(&p, sc, &x, (cin, cout), 1, stride, 1)
+                }
+                (true, None) => net.subsample_pad(&format!("{p}shortcut"), &x, cout - cin),
             };
             let y = net.add(&format!("{p}add"), &y, &short);
-            x = net.relu(&format!("{p}relu2"), &y);
-            cin = cout;
-        }
-    }
-    let x = net.global_pool(&x);
-    net.head("linear", &x, 64, classes)
-}
-
-/// ResNetSmall: a 64-channel stem, `n` blocks per stage, projection blocks end in a ReLU.
-fn resnet_small(mut net: Net, n: usize, c: usize, classes: usize, pooled: usize) -> ModelProto {
-    let x = net.conv_bn("", ("conv1", "bn1"), "input", (c, 64), 3, 1, 1);
-    let mut x = net.relu("relu", &x);
-    let mut cin = 64;
-    for (s, cout) in [16, 32, 64].into_iter().enumerate() {
-        for b in 0..n {
-            let stride = if s > 0 && b == 0 { 2 } else { 1 };
-            let p = format!("layer{}.{b}.", s + 1);
-            let y = net.conv_bn(&p, ("conv1", "bn1"), &x, (cin, cout), 3, stride, 1);
-            let y = net.relu(&format!("{p}relu1"), &y);
-            let y = net.conv_bn(&p, ("conv2", "bn2"), &y, (cout, cout), 3, 1, 1);
-            x = if stride != 1 || cin != cout {
-                let sc = net.conv_bn(
-                    &p,
-                    ("shortcut.0", "shortcut.1"),
-                    &x,
-                    (cin, cout),
-                    1,
-                    stride,
-                    1,
-                );
-                let y = net.add(&format!("{p}add"), &y, &sc);
+            x = if project || small.is_none() {
                 net.relu(&format!("{p}relu2"), &y)
             } else {
-                net.add(&format!("{p}add"), &y, &x)
+                y
             };
             cin = cout;
         }
     }
-    let x = net.average_pool(&x, 4);
-    net.head("linear", &x, 64 * pooled, classes)
+    match small {
+        Some(pooled) => {
+            let x = net.average_pool(&x, 4);
+            net.head("linear", &x, 64 * pooled, classes)
+        }
+        None => {
+            let x = net.global_pool(&x);
+            net.head("linear", &x, 64, classes)
+        }
+    }
 }
 
 /// Pre-activation Wide-ResNet with `n` blocks per stage and widen factor `k`.

@@ -67,6 +67,10 @@ pub struct CpscArgs {
     /// Student steps per round.
     #[arg(long)]
     pub student_steps: Option<usize>,
+    /// Cap on the global L2 norm of the student's gradient [default 5; 0 = none, as the
+    /// reference].
+    #[arg(long)]
+    pub student_grad_clip: Option<f64>,
 }
 
 impl CompressArgs {
@@ -103,6 +107,7 @@ impl CompressArgs {
         set(&mut t.student_ce_weight, &g.student_ce_weight);
         set(&mut t.generator_steps, &c.generator_steps);
         set(&mut t.student_steps, &c.student_steps);
+        set(&mut t.student_grad_clip, &c.student_grad_clip);
         if let Some(b) = &g.generator_betas {
             ensure!(
                 b.len() == 2,

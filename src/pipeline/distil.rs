@@ -259,28 +259,16 @@ pub fn distil(
     })
 }
 
-/// The distilled student's metadata: what made it, and the teacher's preprocessing (so `eval`
-/// and `verify` feed it without flags).
+/// The distilled student's metadata: what made it, and the teacher's preprocessing.
 fn metadata(teacher: &Teacher, cfg: &DistilConfig) -> Vec<(String, String)> {
-    let p = teacher.preprocess();
-    let triple = |v: [f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
-    [
-        ("datafree.version", env!("CARGO_PKG_VERSION").to_string()),
-        ("datafree.method", crate::cli_name(&cfg.train.variant)),
-        ("datafree.bits", "fp32".to_string()),
-        ("datafree.seed", cfg.train.seed.to_string()),
-        ("datafree.teacher_sha256", teacher.model.sha256.clone()),
-        ("datafree.preprocess.mean", triple(p.mean)),
-        ("datafree.preprocess.std", triple(p.std)),
-        ("datafree.preprocess.scale", p.scale.to_string()),
-        (
-            "datafree.input_domain",
-            crate::cli_name_of(&teacher.domain.kind),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    super::report::provenance(
+        teacher,
+        &[
+            ("datafree.method", crate::cli_name(&cfg.train.variant)),
+            ("datafree.bits", "fp32".to_string()),
+            ("datafree.seed", cfg.train.seed.to_string()),
+        ],
+    )
 }
 
 /// `model` with fresh weights drawn from `seed`: Kaiming-normal Conv weights, PyTorch's uniform

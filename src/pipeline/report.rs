@@ -88,21 +88,30 @@ pub fn write_report(out: &Path, r: &Report) -> Result<PathBuf> {
 
 /// The provenance written into the student's metadata.
 pub fn metadata(teacher: &Teacher, cfg: &CompressConfig) -> Vec<(String, String)> {
+    provenance(
+        teacher,
+        &[
+            ("datafree.method", cfg.method.name().to_string()),
+            ("datafree.bits", cfg.bits.to_string()),
+            (
+                "datafree.first_last_bits",
+                cfg.first_last_bits.map_or("none".into(), |b| b.to_string()),
+            ),
+            ("datafree.seed", cfg.seed.to_string()),
+            ("datafree.scales", crate::cli_name(&cfg.scales)),
+        ],
+    )
+}
+
+/// The datafree version, `settings`, and the teacher's hash, preprocessing and input domain
+/// (which travel with every student, so `eval` and `verify` feed it without flags).
+pub fn provenance(teacher: &Teacher, settings: &[(&str, String)]) -> Vec<(String, String)> {
     let p = teacher.preprocess();
     let triple = |v: [f32; 3]| format!("{},{},{}", v[0], v[1], v[2]);
-    [
-        ("datafree.version", env!("CARGO_PKG_VERSION").to_string()),
-        ("datafree.method", cfg.method.name().to_string()),
-        ("datafree.bits", cfg.bits.to_string()),
-        (
-            "datafree.first_last_bits",
-            cfg.first_last_bits.map_or("none".into(), |b| b.to_string()),
-        ),
-        ("datafree.seed", cfg.seed.to_string()),
-        ("datafree.scales", crate::cli_name(&cfg.scales)),
+    let mut out = vec![("datafree.version", env!("CARGO_PKG_VERSION").to_string())];
+    out.extend(settings.iter().cloned());
+    out.extend([
         ("datafree.teacher_sha256", teacher.model.sha256.clone()),
-        // The teacher's preprocessing travels with the student, so `eval` and `verify` feed
-        // it the same inputs without flags.
         ("datafree.preprocess.mean", triple(p.mean)),
         ("datafree.preprocess.std", triple(p.std)),
         ("datafree.preprocess.scale", p.scale.to_string()),
@@ -110,10 +119,8 @@ pub fn metadata(teacher: &Teacher, cfg: &CompressConfig) -> Vec<(String, String)
             "datafree.input_domain",
             crate::cli_name_of(&teacher.domain.kind),
         ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    ]);
+    out.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// Notes a user should read with the numbers.

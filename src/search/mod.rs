@@ -363,10 +363,7 @@ impl Step for Search<'_> {
             config: self.cfg.clone(),
             rng_word_pos: self.rng.get_word_pos().to_string(),
         };
-        match serde_json::to_value(s)? {
-            serde_json::Value::Object(m) => Ok(m),
-            _ => unreachable!("a struct serializes to an object"),
-        }
+        crate::train::engine::state_object(&s)
     }
 
     fn load(

@@ -164,6 +164,14 @@ fn save<S: Step>(step: &S, out: &Path, iter: usize, elapsed: f64) -> Result<()> 
     })
 }
 
+/// A step's settings and RNG position as the JSON object its part of state.json is.
+pub fn state_object<T: Serialize>(s: &T) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::to_value(s)? {
+        serde_json::Value::Object(m) => Ok(m),
+        other => bail!("a step's state must be a JSON object, got {other}"),
+    }
+}
+
 /// Deserializes a step's state and refuses it when its settings (`config`) differ from
 /// `expected`: resuming must continue the same run.
 pub fn checked_state<T: DeserializeOwned, C: PartialEq + std::fmt::Debug>(

@@ -25,9 +25,30 @@ pub fn bns_relative(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
 }
 
 fn bns_terms(inputs: &[Tensor], taps: &[BnTap], relative: bool) -> Result<Tensor> {
+    let total = per_layer_sum(inputs, taps, "BNS", |m, v, rm, rv| {
+        Ok(if relative {
+            let unit = (rv.clone() + 1e-5)?;
+            let dm = (m - rm)?.sqr()?.div(&unit)?.mean_all()?;
+            let dv = (v - rv)?.div(&unit)?.sqr()?.mean_all()?;
+            (dm + dv)?
+        } else {
+            ((m - rm)?.sqr()?.mean_all()? + (v - rv)?.sqr()?.mean_all()?)?
+        })
+    })?;
+    Ok((total / taps.len() as f64)?)
+}
+
+/// Sum over the teacher's BN layers of `term(batch mean, batch variance, running mean, running
+/// variance)` of each layer's input.
+fn per_layer_sum(
+    inputs: &[Tensor],
+    taps: &[BnTap],
+    what: &str,
+    term: impl Fn(Tensor, Tensor, Tensor, Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     ensure!(
         !taps.is_empty() && inputs.len() == taps.len(),
-        "BNS needs the BN taps of the teacher ({} inputs, {} taps)",
+        "{what} needs the BN taps of the teacher ({} inputs, {} taps)",
         inputs.len(),
         taps.len()
     );
@@ -36,20 +57,13 @@ fn bns_terms(inputs: &[Tensor], taps: &[BnTap], relative: bool) -> Result<Tensor
         let (m, v) = channel_moments(x)?;
         let rm = Tensor::new(tap.stats.running_mean.as_slice(), x.device())?.to_dtype(x.dtype())?;
         let rv = Tensor::new(tap.stats.running_var.as_slice(), x.device())?.to_dtype(x.dtype())?;
-        let l = if relative {
-            let unit = (rv.clone() + 1e-5)?;
-            let dm = (m - rm)?.sqr()?.div(&unit)?.mean_all()?;
-            let dv = (v - rv)?.div(&unit)?.sqr()?.mean_all()?;
-            (dm + dv)?
-        } else {
-            ((m - rm)?.sqr()?.mean_all()? + (v - rv)?.sqr()?.mean_all()?)?
-        };
+        let l = term(m, v, rm, rv)?;
         total = Some(match total {
             None => l,
             Some(t) => (t + l)?,
         });
     }
-    Ok((total.expect("non-empty") / taps.len() as f64)?)
+    Ok(total.expect("non-empty"))
 }
 
 /// The units the generators' BNS measures each BN layer in.
@@ -128,24 +142,9 @@ pub fn feature_loss(student: &[Tensor], teacher: &[Tensor]) -> Result<Tensor> {
 /// (un-squared) L2 norms of the batch mean's and the batch variance's differences from the
 /// running statistics.
 pub fn bn_prior(inputs: &[Tensor], taps: &[BnTap]) -> Result<Tensor> {
-    ensure!(
-        !taps.is_empty() && inputs.len() == taps.len(),
-        "the BN prior needs the BN taps of the teacher ({} inputs, {} taps)",
-        inputs.len(),
-        taps.len()
-    );
-    let mut total: Option<Tensor> = None;
-    for (x, tap) in inputs.iter().zip(taps) {
-        let (m, v) = channel_moments(x)?;
-        let rm = Tensor::new(tap.stats.running_mean.as_slice(), x.device())?.to_dtype(x.dtype())?;
-        let rv = Tensor::new(tap.stats.running_var.as_slice(), x.device())?.to_dtype(x.dtype())?;
-        let l = ((m - rm)?.sqr()?.sum_all()?.sqrt()? + (v - rv)?.sqr()?.sum_all()?.sqrt()?)?;
-        total = Some(match total {
-            None => l,
-            Some(t) => (t + l)?,
-        });
-    }
-    Ok(total.expect("non-empty"))
+    per_layer_sum(inputs, taps, "the BN prior", |m, v, rm, rv| {
+        Ok(((m - rm)?.sqr()?.sum_all()?.sqrt()? + (v - rv)?.sqr()?.sum_all()?.sqrt()?)?)
+    })
 }
 
 /// KL(softmax(teacher) || softmax(student)) at temperature 1, summed over classes and averaged

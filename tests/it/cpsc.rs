@@ -123,6 +123,16 @@ fn a_student_that_does_not_fit_the_teacher_or_float_bits_without_cpsc_are_refuse
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--student"));
+    // The pipeline file is the same command line.
+    let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/cpsc-cifar.toml");
+    let set = format!("compress.student={}", s5.display());
+    let out = datafree(&["run", pipeline, "--set", &set, "--dry-run"]);
+    assert_success(&out);
+    let line = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        line.contains("--method cpsc") && line.contains("--l2-weight 5"),
+        "{line}"
+    );
 }
 
 fn cpsc(student: &Path, out: &Path, extra: &[&str]) -> std::process::Output {

@@ -171,6 +171,11 @@ impl Config {
             );
         }
         ensure!(
+            self.student_grad_clip.is_finite() && self.student_grad_clip >= 0.0,
+            "--student-grad-clip must be a finite number >= 0, got {}",
+            self.student_grad_clip
+        );
+        ensure!(
             self.student_lr > 0.0 && self.generator_lr > 0.0,
             "learning rates must be positive"
         );

@@ -390,10 +390,7 @@ impl Step for Run<'_> {
             config: self.cfg.clone(),
             rng_word_pos: self.rng.get_word_pos().to_string(),
         };
-        match serde_json::to_value(s)? {
-            serde_json::Value::Object(m) => Ok(m),
-            _ => unreachable!("a struct serializes to an object"),
-        }
+        engine::state_object(&s)
     }
 
     fn load(

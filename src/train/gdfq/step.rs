@@ -347,10 +347,7 @@ impl Step for Run<'_> {
             rng_word_pos: self.rng.get_word_pos().to_string(),
             ranges: self.ranges.clone(),
         };
-        match serde_json::to_value(s)? {
-            serde_json::Value::Object(m) => Ok(m),
-            _ => unreachable!("a struct serializes to an object"),
-        }
+        engine::state_object(&s)
     }
 
     fn load(
