@@ -55,6 +55,11 @@ pub struct CpscArgs {
     /// alpha: weight of the L2 between logits beside KL (0 = KL only).
     #[arg(long)]
     pub l2_weight: Option<f64>,
+    /// Form of the L2 term: `log` (generator -log MSE, student log of the difference's L2
+    /// norm: free of the logit scale), `mse`, or `auto` (log up to 10 classes, else mse: the
+    /// reference's CIFAR-10 / CIFAR-100 choice).
+    #[arg(long, value_enum)]
+    pub l2_form: Option<crate::train::cpsc::L2Form>,
     /// gamma: weight of the teacher/student contrastive loss (0 = off).
     #[arg(long)]
     pub contrastive_weight: Option<f64>,
@@ -101,6 +106,7 @@ impl CompressArgs {
         set(&mut t.generator_lr, &g.generator_lr);
         set(&mut t.bn_weight, &g.bns_weight);
         set(&mut t.l2_weight, &c.l2_weight);
+        set(&mut t.l2_form, &c.l2_form);
         set(&mut t.contrastive_weight, &c.contrastive_weight);
         set(&mut t.ce_weight, &c.ce_weight);
         t.student_ce_weight = t.ce_weight;

@@ -155,9 +155,9 @@ pub fn kl_batchmean(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     Ok((lt.exp()? * (lt - ls)?)?.sum(1)?.mean_all()?)
 }
 
-/// Supervised contrastive loss (Khosla et al.) over two views per sample (`a`, `b`: N x D,
-/// L2-normalised here), positives = the other samples of the same label (the other view of the
-/// same sample included), at temperature `tau`.
+/// Supervised contrastive loss (Khosla et al.) over two views per sample (`a`, `b`: N x D, used
+/// as given: the caller normalises), positives = the other samples of the same label (the other
+/// view of the same sample included), at temperature `tau`.
 pub fn supcon(a: &Tensor, b: &Tensor, labels: &[u32], tau: f64) -> Result<Tensor> {
     let n = labels.len();
     ensure!(
@@ -166,11 +166,7 @@ pub fn supcon(a: &Tensor, b: &Tensor, labels: &[u32], tau: f64) -> Result<Tensor
         a.dim(0)?,
         b.dim(0)?
     );
-    let norm = |x: &Tensor| -> Result<Tensor> {
-        let l = (x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
-        Ok(x.broadcast_div(&l)?)
-    };
-    let f = Tensor::cat(&[norm(a)?, norm(b)?], 0)?;
+    let f = Tensor::cat(&[a, b], 0)?;
     let sim = (f.matmul(&f.t()?)? / tau)?;
     // Subtracting each row's maximum (a constant for the softmax) keeps exp finite.
     let sim = sim.broadcast_sub(&sim.max_keepdim(1)?.detach())?;

@@ -252,14 +252,22 @@ fn distil_then_quantize_writes_a_qdq_student_of_the_new_architecture() {
 fn the_contrastive_loss_rewards_views_that_agree_within_a_class() {
     use datafree::train::losses::supcon;
     let d = Device::Cpu;
-    let a = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]], &d).unwrap();
+    let a = Tensor::new(
+        &[[1f32, 0.0], [0.0, 1.0], [0.995, 0.0995], [0.0995, 0.995]],
+        &d,
+    )
+    .unwrap();
     let labels = [0u32, 1, 0, 1];
     let same = supcon(&a, &a, &labels, 0.07)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
     // The second view swapped between classes.
-    let b = Tensor::new(&[[0f32, 1.0], [1.0, 0.0], [0.1, 1.0], [1.0, 0.1]], &d).unwrap();
+    let b = Tensor::new(
+        &[[0f32, 1.0], [1.0, 0.0], [0.0995, 0.995], [0.995, 0.0995]],
+        &d,
+    )
+    .unwrap();
     let swapped = supcon(&a, &b, &labels, 0.07)
         .unwrap()
         .to_scalar::<f32>()

@@ -61,6 +61,28 @@ pub enum GeneratorNorm {
     Bn,
 }
 
+/// The form of the L2 term between logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L2Form {
+    /// `log` for up to 10 classes, else `mse` (the reference's CIFAR-10 / CIFAR-100 choice).
+    Auto,
+    /// Generator: -log MSE; student: log of the L2 norm of the difference (scale-free).
+    Log,
+    /// MSE for both.
+    Mse,
+}
+
+impl L2Form {
+    pub fn resolve(self, classes: usize) -> L2Form {
+        match self {
+            L2Form::Auto if classes <= 10 => L2Form::Log,
+            L2Form::Auto => L2Form::Mse,
+            f => f,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub preset: Preset,
@@ -72,8 +94,9 @@ pub struct Config {
     pub generator_steps: usize,
     pub student_steps: usize,
     pub batch: usize,
-    /// alpha: weight of the L2 (MSE) between logits, beside KL.
+    /// alpha: weight of the L2 term between logits, beside KL.
     pub l2_weight: f64,
+    pub l2_form: L2Form,
     /// beta: weight of the BN prior in the generator's loss.
     pub bn_weight: f64,
     /// gamma: weight of the contrastive loss in the generator's loss.
@@ -91,8 +114,11 @@ pub struct Config {
     pub warmup_epochs: usize,
     pub generator_lr: f64,
     pub generator_betas: (f64, f64),
+    /// A fresh Adam at every generator step, as the reference builds it (its learning-rate
+    /// schedule then never reaches the optimiser that steps).
+    pub generator_adam_reset: bool,
     /// Fractions of the run after which the generator's learning rate is divided by 10 (the
-    /// paper: epochs 50 and 150 of 600).
+    /// paper's text: epochs 50 and 150 of 600; none in the reference's effect).
     pub generator_lr_drops: Vec<f64>,
     /// The student's gradients are scaled to this global L2 norm when larger (0 = never, as
     /// the reference): the L2 term grows with the square of the teacher's logit scale, and
@@ -120,6 +146,7 @@ impl Config {
             student_steps: s,
             batch,
             l2_weight: 5.0,
+            l2_form: L2Form::Auto,
             bn_weight: 1.0,
             contrastive_weight: 0.7,
             ce_weight: 0.7,
@@ -131,7 +158,8 @@ impl Config {
             warmup_epochs: 1,
             generator_lr: 1e-3,
             generator_betas: (0.5, 0.999),
-            generator_lr_drops: vec![50.0 / 600.0, 150.0 / 600.0],
+            generator_adam_reset: true,
+            generator_lr_drops: vec![],
             student_grad_clip: 5.0,
             bn_momentum: 0.1,
             seed,

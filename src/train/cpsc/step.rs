@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Config, Io, Metrics, Variant};
+use super::{Config, Io, L2Form, Metrics, Variant};
 use crate::generator::Generator;
 use crate::generator::params::{Params, load_tensors, save_tensors};
 use crate::lower::Program;
@@ -23,8 +23,10 @@ struct CheckpointState {
     rng_word_pos: String,
 }
 
-/// The MLP that maps the student's penultimate features to the teacher's size for the
-/// contrastive loss (two hidden layers of the teacher's width, ReLU).
+/// The reference's adapter for students whose feature size differs from the teacher's: an MLP
+/// (in -> in, ReLU, in -> teacher's size) on the L2-normalised student features. It stays at its
+/// initial weights, as in the reference, where its gradients (from the generator's loss) are
+/// cleared before every student step and no generator optimiser holds it.
 struct Projection {
     layers: Vec<(Tensor, Tensor)>,
 }
@@ -32,11 +34,11 @@ struct Projection {
 impl Projection {
     fn new(p: &mut Params, from: usize, to: usize, rng: &mut ChaCha8Rng) -> Result<Self> {
         let mut layers = Vec::new();
-        for (i, (a, b)) in [(from, to), (to, to), (to, to)].into_iter().enumerate() {
+        for (i, (a, b)) in [(from, from), (from, to)].into_iter().enumerate() {
             let bound = 1.0 / (a as f64).sqrt();
             layers.push((
-                p.uniform(&format!("proj.{i}.weight"), &[b, a], bound, rng)?,
-                p.uniform(&format!("proj.{i}.bias"), &[b], bound, rng)?,
+                p.uniform(&format!("adapter.{i}.weight"), &[b, a], bound, rng)?,
+                p.uniform(&format!("adapter.{i}.bias"), &[b], bound, rng)?,
             ));
         }
         Ok(Projection { layers })
@@ -67,10 +69,13 @@ pub(super) struct Run<'a> {
     teacher: &'a Program,
     student: &'a mut Program,
     generator: Box<dyn Generator>,
-    /// The generator's parameters and the projection head's, trained by one Adam.
+    /// The adapter's parameters (fixed; saved with checkpoints).
     head: Params,
     projection: Option<Projection>,
+    gen_vars: Vec<candle_core::Var>,
     gen_opt: Adam,
+    /// The L2 term's form, resolved from the class count when `auto`.
+    l2_form: L2Form,
     student_opt: Sgd,
     running: Vec<Running>,
     rng: ChaCha8Rng,
@@ -92,6 +97,12 @@ fn flat(t: &Tensor) -> Result<Tensor> {
     Ok(t.flatten_from(1)?)
 }
 
+/// Rows scaled to unit L2 norm.
+fn normalize(x: &Tensor) -> Result<Tensor> {
+    let l = (x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
+    Ok(x.broadcast_div(&l)?)
+}
+
 impl<'a> Run<'a> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
@@ -105,7 +116,7 @@ impl<'a> Run<'a> {
         device: Device,
     ) -> Result<Self> {
         let mut rng = super::rng(&cfg);
-        // The projection's sizes: one probe image through both networks.
+        // The adapter's sizes: one probe image through both networks.
         let mut head = Params::new(&device);
         let projection = if cfg.variant == Variant::Cpsc && cfg.contrastive_weight > 0.0 {
             let (c, s) = generator.image();
@@ -113,12 +124,12 @@ impl<'a> Run<'a> {
             let t = teacher.forward_taps(&probe)?.penultimate;
             let st = student.forward_taps(&probe)?.penultimate;
             match (t, st) {
-                (Some(t), Some(st)) => Some(Projection::new(
-                    &mut head,
-                    flat(&st)?.dim(1)?,
-                    flat(&t)?.dim(1)?,
-                    &mut rng,
-                )?),
+                (Some(t), Some(st)) => {
+                    let (from, to) = (flat(&st)?.dim(1)?, flat(&t)?.dim(1)?);
+                    (from != to)
+                        .then(|| Projection::new(&mut head, from, to, &mut rng))
+                        .transpose()?
+                }
                 _ => anyhow::bail!(
                     "the contrastive loss needs the penultimate features of teacher and student (the input of a final Gemm/MatMul classifier); one has none: use --contrastive-weight 0"
                 ),
@@ -140,10 +151,10 @@ impl<'a> Run<'a> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut gen_vars = generator.params().vars();
-        gen_vars.extend(head.vars());
+        let gen_vars = generator.params().vars();
         let student_vars = student.vars().iter().map(|(_, v)| v.clone()).collect();
-        let (gen_opt, student_opt) = super::optimisers(&cfg, gen_vars, student_vars);
+        let (gen_opt, student_opt) = super::optimisers(&cfg, gen_vars.clone(), student_vars);
+        let l2_form = cfg.l2_form.resolve(classes);
         Ok(Run {
             cfg,
             teacher,
@@ -151,7 +162,9 @@ impl<'a> Run<'a> {
             generator,
             head,
             projection,
+            gen_vars,
             gen_opt,
+            l2_form,
             student_opt,
             running,
             rng,
@@ -200,16 +213,35 @@ impl<'a> Run<'a> {
         out
     }
 
-    /// The discrepancy between student and teacher logits: (total, KL or L1, L2).
-    fn discrepancy(&self, s: &Tensor, t: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// What the generator maximises and the student minimises: (total, KL or L1, L2 term).
+    /// The L2 term is the reference's: with `log`, log MSE for the generator and the log of
+    /// the L2 norm of the logit difference for the student; with `mse`, MSE for both.
+    fn discrepancy(
+        &self,
+        s: &Tensor,
+        t: &Tensor,
+        generator: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         if self.cfg.variant == Variant::Dfad {
             let l1 = (s - t)?.abs()?.mean_all()?;
             let zero = l1.zeros_like()?;
             return Ok((l1.clone(), l1, zero));
         }
         let kl = kl_batchmean(s, t)?;
-        let l2 = (s - t)?.sqr()?.mean_all()?;
+        let d = (s - t)?;
+        let l2 = match (self.l2_form, generator) {
+            (L2Form::Mse, _) | (L2Form::Auto, _) => d.sqr()?.mean_all()?,
+            (L2Form::Log, true) => d.sqr()?.mean_all()?.log()?,
+            (L2Form::Log, false) => d.sqr()?.sum_all()?.sqrt()?.log()?,
+        };
         Ok((((&kl) + (&l2 * self.cfg.l2_weight)?)?, kl, l2))
+    }
+
+    /// The reference's CE with the sampled labels: on the softmax of the logits (it applies
+    /// PyTorch's cross_entropy to probabilities), so it saturates instead of growing.
+    fn label_ce(logits: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let p = candle_nn::ops::softmax(logits, candle_core::D::Minus1)?;
+        Ok(candle_nn::loss::cross_entropy(&p, y)?)
     }
 
     /// One generator step: (loss, adversarial, BN prior, contrastive, CE).
@@ -222,18 +254,17 @@ impl<'a> Run<'a> {
         if cfg.variant != Variant::BnPrior {
             let sf = self.student.forward_taps(&x)?;
             self.track(&sf.bn_inputs)?;
-            let (adv, _, _) = self.discrepancy(&sf.logits, &tf.logits)?;
+            let (adv, _, _) = self.discrepancy(&sf.logits, &tf.logits, true)?;
             adv_v = value(&adv, "the adversarial loss", iter)?;
             loss = adv.neg()?;
-            if let (Some(p), Some(tp), Some(sp)) =
-                (&self.projection, &tf.penultimate, &sf.penultimate)
-            {
-                let con = supcon(
-                    &flat(tp)?,
-                    &p.forward(&flat(sp)?)?,
-                    &labels,
-                    cfg.contrastive_temperature,
-                )?;
+            let contrast = cfg.variant == Variant::Cpsc && cfg.contrastive_weight > 0.0;
+            if let (true, Some(tp), Some(sp)) = (contrast, &tf.penultimate, &sf.penultimate) {
+                let (tp, sp) = (normalize(&flat(tp)?)?, normalize(&flat(sp)?)?);
+                let sp = match &self.projection {
+                    Some(p) => p.forward(&sp)?,
+                    None => sp,
+                };
+                let con = supcon(&tp, &sp, &labels, cfg.contrastive_temperature)?;
                 con_v = value(&con, "the contrastive loss", iter)?;
                 loss = (loss + (con * cfg.contrastive_weight)?)?;
             }
@@ -242,11 +273,15 @@ impl<'a> Run<'a> {
         if cfg.variant != Variant::Dfad {
             let bn = bn_prior(&tf.bn_inputs, self.teacher.bn_taps())?;
             bn_v = value(&bn, "the BN prior", iter)?;
-            let ce = candle_nn::loss::cross_entropy(&tf.logits, &y)?;
+            let ce = Self::label_ce(&tf.logits, &y)?;
             ce_v = value(&ce, "the generator's CE", iter)?;
             loss = ((loss + (bn * cfg.bn_weight)?)? + (ce * cfg.ce_weight)?)?;
         }
         let loss_v = value(&loss, "the generator's loss", iter)?;
+        if cfg.generator_adam_reset {
+            // The reference builds a new Adam at every generator step.
+            self.gen_opt = Adam::new(self.gen_vars.clone(), cfg.generator_lr, cfg.generator_betas);
+        }
         self.gen_opt.lr = cfg.generator_lr_at(iter);
         self.gen_opt.step(&loss.backward()?)?;
         Ok([loss_v, adv_v, bn_v, con_v, ce_v])
@@ -259,10 +294,10 @@ impl<'a> Run<'a> {
         let t = self.teacher.forward(&x)?.detach();
         let sf = self.student.forward_taps(&x)?;
         self.track(&sf.bn_inputs)?;
-        let (mut loss, kd, l2) = self.discrepancy(&sf.logits, &t)?;
+        let (mut loss, kd, l2) = self.discrepancy(&sf.logits, &t, false)?;
         let mut ce_v = 0.0;
         if self.cfg.variant != Variant::Dfad && self.cfg.student_ce_weight > 0.0 {
-            let ce = candle_nn::loss::cross_entropy(&sf.logits, &y)?;
+            let ce = Self::label_ce(&sf.logits, &y)?;
             ce_v = value(&ce, "the student's CE", iter)?;
             loss = (loss + (ce * self.cfg.student_ce_weight)?)?;
         }
