@@ -275,3 +275,37 @@ fn the_contrastive_loss_rewards_views_that_agree_within_a_class() {
     assert!(same.is_finite() && swapped.is_finite());
     assert!(same < swapped - 1.0, "aligned {same}, swapped {swapped}");
 }
+
+#[test]
+fn student_init_random_redraws_a_trained_students_weights() {
+    // The quick-start teacher itself as the student: `keep` starts from its trained weights,
+    // `random` from fresh ones, so the two runs must end with different students.
+    let dir = tempfile::tempdir().unwrap();
+    let qs = Path::new(QUICKSTART);
+    let (a, b) = (dir.path().join("keep"), dir.path().join("random"));
+    assert_success(&cpsc(qs, &a, &["--bits", "fp32"]));
+    assert_success(&cpsc(
+        qs,
+        &b,
+        &["--bits", "fp32", "--student-init", "random"],
+    ));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["student_init"], "random");
+    let weights = |d: &Path| {
+        let m = datafree::onnx::load_model(&d.join("student.onnx")).unwrap();
+        let t = m
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| t.dims.len() == 4)
+            .cloned()
+            .unwrap();
+        datafree::onnx::tensor::decode(&t, None).unwrap().to_f32()
+    };
+    let (wa, wb) = (weights(&a), weights(&b));
+    assert_eq!(wa.len(), wb.len());
+    let diff: f32 = wa.iter().zip(&wb).map(|(x, y)| (x - y).abs()).sum::<f32>() / wa.len() as f32;
+    let scale: f32 = wa.iter().map(|x| x.abs()).sum::<f32>() / wa.len() as f32;
+    assert!(diff > 0.1 * scale, "mean |diff| {diff} vs mean |w| {scale}");
+}
