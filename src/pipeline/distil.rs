@@ -246,11 +246,7 @@ pub fn distil(
         generator_macs: outcome.generator_macs,
         train_seconds: outcome.train_seconds,
         resumed_from_iter: outcome.resumed_from,
-        eval_curve: outcome
-            .history
-            .iter()
-            .filter_map(|m| m.eval_top1.map(|a| (m.iter + 1, a)))
-            .collect(),
+        eval_curve: crate::train::engine::eval_curve(&outcome.history),
         final_losses: outcome.history.last().cloned(),
         verification_synthetic,
         verification_data,

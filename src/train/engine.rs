@@ -24,6 +24,18 @@ pub trait LogLine: Serialize + DeserializeOwned + Clone {
     fn summary(&self) -> String;
     /// Values drawn in curves.png: (panel, series, value).
     fn curves(&self) -> Vec<crate::plot::CurvePoint>;
+    /// Top-1 (%) on the measuring data, when the line was evaluated.
+    fn eval_top1(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// (iterations done, top-1 %) of every evaluated line: a run's accuracy curve.
+pub fn eval_curve<L: LogLine>(history: &[L]) -> Vec<(usize, f64)> {
+    history
+        .iter()
+        .filter_map(|l| l.eval_top1().map(|a| (l.iter() + 1, a)))
+        .collect()
 }
 
 /// A method's training step and the state it owns.

@@ -6,5 +6,6 @@ pub mod classifier;
 pub mod cpsc;
 pub mod engine;
 pub mod gdfq;
+pub mod generated;
 pub mod losses;
 pub mod optim;

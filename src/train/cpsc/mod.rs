@@ -272,6 +272,9 @@ impl LogLine for Metrics {
             self.student_ce
         )
     }
+    fn eval_top1(&self) -> Option<f64> {
+        self.eval_top1
+    }
     fn curves(&self) -> Vec<crate::plot::CurvePoint> {
         let mut v = vec![
             ("generator", "adversarial", self.adversarial),

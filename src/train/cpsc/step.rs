@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{Config, Io, L2Form, Metrics, Variant};
 use crate::generator::Generator;
-use crate::generator::params::{Params, load_tensors, save_tensors};
+use crate::generator::params::Params;
 use crate::lower::Program;
 use crate::train::engine::{self, Step, finite};
+use crate::train::generated::{load_pair, samples_when_due, save_pair};
 use crate::train::losses::{bn_prior, channel_moments, kl_batchmean, supcon};
-use crate::train::optim::{Adam, Sgd, State, clip_grad_norm};
+use crate::train::optim::{Adam, Sgd, clip_grad_norm};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CheckpointState {
@@ -380,43 +381,30 @@ impl Step for Run<'_> {
     }
 
     fn after(&mut self, done: usize, total: usize) -> Result<()> {
-        let every = self.io.grid_every;
-        if every > 0 && (done.is_multiple_of(every) || done == total) {
-            let p = self.io.out.join(format!("samples-{done:06}.png"));
-            crate::train::gdfq::save_samples(
-                self.generator.as_ref(),
-                &p,
-                self.classes,
-                self.io.domain,
-                &self.device,
-            )?;
-        }
-        Ok(())
+        samples_when_due(
+            self.generator.as_ref(),
+            self.io.out,
+            (self.io.grid_every, done, total),
+            self.classes,
+            self.io.domain,
+            &self.device,
+        )
     }
 
     fn save(&self, tmp: &Path) -> Result<()> {
-        self.generator
-            .params()
-            .save(&tmp.join("generator.safetensors"))?;
         self.head.save(&tmp.join("projection.safetensors"))?;
-        let mut student: Vec<(String, Tensor)> = self
-            .student
-            .vars()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        for r in &self.running {
-            student.push((r.mean_name.clone(), r.mean.clone()));
-            student.push((r.var_name.clone(), r.var.clone()));
-        }
-        save_tensors(&tmp.join("student.safetensors"), student)?;
-        save_tensors(
-            &tmp.join("generator-adam.safetensors"),
-            self.gen_opt.state()?,
-        )?;
-        save_tensors(
-            &tmp.join("student-sgd.safetensors"),
-            self.student_opt.state()?,
+        let running = self.running.iter().flat_map(|r| {
+            [
+                (r.mean_name.clone(), r.mean.clone()),
+                (r.var_name.clone(), r.var.clone()),
+            ]
+        });
+        save_pair(
+            tmp,
+            self.generator.as_ref(),
+            self.student,
+            running.collect(),
+            (&self.gen_opt, &self.student_opt),
         )
     }
 
@@ -436,31 +424,22 @@ impl Step for Run<'_> {
     ) -> Result<()> {
         let state: CheckpointState =
             engine::checked_state(dir, state, &self.cfg, |s: &CheckpointState| &s.config)?;
-        self.generator
-            .params_mut()
-            .load(&dir.join("generator.safetensors"))?;
         self.head.load(&dir.join("projection.safetensors"))?;
-        let saved = load_tensors(&dir.join("student.safetensors"), &self.device)?;
-        let get = |name: &str| -> Result<&Tensor> {
-            saved
-                .get(name)
-                .with_context(|| format!("{}: student tensor {name} missing", dir.display()))
-        };
-        for (name, var) in self.student.vars() {
-            var.set(get(name)?)?;
-        }
+        let saved = load_pair(
+            dir,
+            self.generator.as_mut(),
+            self.student,
+            (&mut self.gen_opt, &mut self.student_opt),
+            &self.device,
+        )?;
         for r in &mut self.running {
-            r.mean = get(&r.mean_name)?.clone();
-            r.var = get(&r.var_name)?.clone();
+            for (name, t) in [(&r.mean_name, &mut r.mean), (&r.var_name, &mut r.var)] {
+                *t = saved
+                    .get(name)
+                    .with_context(|| format!("{}: student tensor {name} missing", dir.display()))?
+                    .clone();
+            }
         }
-        self.gen_opt.load_state(&load_tensors(
-            &dir.join("generator-adam.safetensors"),
-            &self.device,
-        )?)?;
-        self.student_opt.load_state(&load_tensors(
-            &dir.join("student-sgd.safetensors"),
-            &self.device,
-        )?)?;
         self.rng.set_word_pos(state.rng_word_pos.parse()?);
         Ok(())
     }

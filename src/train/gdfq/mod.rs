@@ -22,7 +22,6 @@ mod config;
 mod step;
 
 pub use config::{Config, GeneratorFamily, Preset, RangeSource};
-pub(crate) use step::save_samples;
 use step::{Run, clamp_var};
 
 use super::engine::{self, LogLine};
@@ -73,6 +72,9 @@ impl LogLine for Metrics {
             "gdfq ep {} G: CE {:.3} BNS {:.3}{student}{feature}{eval}",
             self.epoch, self.generator_ce, self.bns
         )
+    }
+    fn eval_top1(&self) -> Option<f64> {
+        self.eval_top1
     }
     fn curves(&self) -> Vec<crate::plot::CurvePoint> {
         let mut v = vec![

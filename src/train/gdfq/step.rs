@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::{Config, Io, Metrics, kd_loss};
@@ -20,8 +18,8 @@ use crate::lower::Program;
 use crate::quant::fake::{LearnedRange, fake_quant_activation, fake_quant_learned};
 use crate::quant::placement::{Plan, Role, point_params};
 use crate::quant::{QParams, Scales, clip_weight};
-use crate::teacher::InputDomain;
 use crate::train::engine::{self, Step, finite};
+use crate::train::generated::{load_pair, samples_when_due, save_pair};
 use crate::train::losses::{feature_loss, reconstruction};
 use crate::train::optim::{Adam, Sgd, State};
 
@@ -301,38 +299,23 @@ impl Step for Run<'_> {
     }
 
     fn after(&mut self, done: usize, total: usize) -> Result<()> {
-        let every = self.io.grid_every;
-        if every > 0 && (done.is_multiple_of(every) || done == total) {
-            let p = self.io.out.join(format!("samples-{done:06}.png"));
-            save_samples(
-                self.generator.as_ref(),
-                &p,
-                self.classes,
-                self.io.domain,
-                &self.device,
-            )?;
-        }
-        Ok(())
+        samples_when_due(
+            self.generator.as_ref(),
+            self.io.out,
+            (self.io.grid_every, done, total),
+            self.classes,
+            self.io.domain,
+            &self.device,
+        )
     }
 
     fn save(&self, tmp: &Path) -> Result<()> {
-        self.generator
-            .params()
-            .save(&tmp.join("generator.safetensors"))?;
-        let student: Vec<(String, Tensor)> = self
-            .student
-            .vars()
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        save_tensors(&tmp.join("student.safetensors"), student)?;
-        save_tensors(
-            &tmp.join("generator-adam.safetensors"),
-            self.gen_opt.state()?,
-        )?;
-        save_tensors(
-            &tmp.join("student-sgd.safetensors"),
-            self.student_opt.state()?,
+        save_pair(
+            tmp,
+            self.generator.as_ref(),
+            self.student,
+            vec![],
+            (&self.gen_opt, &self.student_opt),
         )?;
         if let Some(opt) = &self.range_opt {
             save_tensors(&tmp.join("ranges.safetensors"), self.learned_tensors())?;
@@ -358,24 +341,13 @@ impl Step for Run<'_> {
     ) -> Result<()> {
         let state: CheckpointState =
             engine::checked_state(dir, state, &self.cfg, |s: &CheckpointState| &s.config)?;
-        self.generator
-            .params_mut()
-            .load(&dir.join("generator.safetensors"))?;
-        let student = load_tensors(&dir.join("student.safetensors"), &self.device)?;
-        for (name, var) in self.student.vars() {
-            let t = student
-                .get(name)
-                .with_context(|| format!("{}: student parameter {name} missing", dir.display()))?;
-            var.set(t)?;
-        }
-        self.gen_opt.load_state(&load_tensors(
-            &dir.join("generator-adam.safetensors"),
+        load_pair(
+            dir,
+            self.generator.as_mut(),
+            self.student,
+            (&mut self.gen_opt, &mut self.student_opt),
             &self.device,
-        )?)?;
-        self.student_opt.load_state(&load_tensors(
-            &dir.join("student-sgd.safetensors"),
-            &self.device,
-        )?)?;
+        )?;
         self.rng.set_word_pos(state.rng_word_pos.parse()?);
         self.ranges = state.ranges;
         if iter >= self.warmup() {
@@ -397,46 +369,4 @@ pub(super) fn clamp_var(
     let c = clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, clips);
     var.set(&Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?)?;
     Ok(c)
-}
-
-/// Samples a grid: one row per class (up to 10 classes), 8 images each, from fixed latents,
-/// shown as the pixels the teacher's domain maps them back to.
-pub(crate) fn save_samples(
-    g: &dyn Generator,
-    path: &Path,
-    classes: usize,
-    domain: &InputDomain,
-    device: &Device,
-) -> Result<()> {
-    let (rows, cols) = (classes.min(10), 8);
-    let mut r = ChaCha8Rng::seed_from_u64(0x9d1d);
-    let n = rows * cols;
-    let z: Vec<f32> = (0..n * g.latent())
-        .map(|_| StandardNormal.sample(&mut r))
-        .collect();
-    let y: Vec<u32> = (0..n).map(|i| (i / cols) as u32).collect();
-    let x = crate::generator::to_domain(
-        &g.forward(
-            &Tensor::from_vec(z, (n, g.latent()), device)?,
-            &Tensor::from_vec(y, n, device)?,
-        )?,
-        domain,
-    )?;
-    let (c, h) = g.image();
-    let w = h;
-    let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let images: Vec<Vec<u8>> = v
-        .chunks(c * h * w)
-        .map(|img| {
-            (0..3)
-                .flat_map(|k| {
-                    img[(k % c) * h * w..][..h * w]
-                        .iter()
-                        .map(move |&x| domain.to_pixel(x, k).clamp(0.0, 255.0).round() as u8)
-                })
-                .collect()
-        })
-        .collect();
-    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
-    crate::plot::save_grid(path, &refs, h, w, cols, 3)
 }
