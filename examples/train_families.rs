@@ -1,8 +1,11 @@
 //! Trains the architecture-family fixtures (`tests/it/families.rs`: Keras-style raw-pixel
-//! ResNet, MobileNet-style, DenseNet-style, pre-activation ResNet) on the procedural shapes10
-//! train split, each with its own input preprocessing, and writes them with BN kept and NO
-//! preprocessing metadata to `onnx/family-NAME.onnx`, so that `datafree` must infer each input
-//! domain from the BN statistics. Deterministic for a machine of the project's kind.
+//! ResNet, MobileNet-style, DenseNet-style, pre-activation ResNet, TensorFlow-style MobileNetV1
+//! at 96 px with two classes) on the procedural shapes10 train split, each with its own input
+//! preprocessing, and writes them with BN kept and NO preprocessing metadata to
+//! `onnx/family-NAME.onnx`, so that `datafree` must infer each input domain from the BN
+//! statistics. TensorFlow-style families are trained as their NCHW logits core, then written
+//! with the NHWC input and final Softmax around it. Deterministic for a machine of the project's
+//! kind.
 //!
 //!     cargo run --release --example train_families [-- OUT_DIR [NAME ...]]
 
@@ -15,6 +18,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use datafree::data::{Preprocess, synthetic};
 use datafree::onnx::builder::write_model;
+use datafree::onnx::interface::{Interface, Layout, OutputKind};
 use datafree::train::classifier::{Recipe, train};
 
 fn main() -> Result<()> {
@@ -34,30 +38,36 @@ fn main() -> Result<()> {
         weight_decay: 5e-4,
         bn_batches: 20,
     };
-    let test = synthetic::generate("test", 2000).expect("test split");
-    for &(name, scale, mean, std) in families::FAMILIES {
+    for fam in families::FAMILIES {
+        let name = fam.name;
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let pre = Preprocess { mean, std, scale };
+        let side = fam.side;
+        let test = synthetic::generate_task(fam.task, "test", 2000, side).expect("test split");
+        let pre = Preprocess {
+            mean: fam.mean,
+            std: fam.std,
+            scale: fam.scale,
+        };
         let tmp_dir = tempfile::tempdir()?;
         let tmp = tmp_dir.path().join("init.onnx");
         write_model(&tmp, &families::build(name, 7))?;
         let init = datafree::onnx::load_model(&tmp)?;
         let seed = synthetic::split_seed("train").expect("train split");
         let mut batches = |step: usize| -> Result<(Tensor, Vec<u32>)> {
-            let mut px = Vec::with_capacity(recipe.batch * 3072);
+            let mut px = Vec::with_capacity(recipe.batch * 3 * side * side);
             let mut labels = Vec::with_capacity(recipe.batch);
             for i in 0..recipe.batch {
-                let (p, l) = synthetic::render(seed, (step * recipe.batch + i) as u64);
+                let (p, l) = synthetic::render_sized(seed, (step * recipe.batch + i) as u64, side);
                 px.extend(p);
-                labels.push(l as u32);
+                labels.push(synthetic::relabel(fam.task, l) as u32);
             }
             let d = datafree::data::Dataset {
                 source: String::new(),
                 format: "synthetic",
-                height: 32,
-                width: 32,
+                height: side,
+                width: side,
                 pixels: px,
                 labels: vec![],
                 class_names: vec![],
@@ -65,7 +75,7 @@ fn main() -> Result<()> {
             Ok((
                 Tensor::from_vec(
                     pre.batch(&d, 0..recipe.batch),
-                    (recipe.batch, 3, 32, 32),
+                    (recipe.batch, 3, side, side),
                     &Device::Cpu,
                 )?,
                 labels,
@@ -78,11 +88,15 @@ fn main() -> Result<()> {
             pb.set_message(format!("{name}, loss {l:.3}"));
         })?;
         pb.finish_and_clear();
+        if fam.tensorflow {
+            let interface = Interface::around(&trained, Layout::Nhwc, OutputKind::Probabilities);
+            trained = interface.wrap(trained);
+        }
         trained
             .metadata_props
             .push(datafree::onnx::pb::StringStringEntryProto {
                 key: "datafree.dataset".into(),
-                value: "synthetic:shapes10".into(),
+                value: format!("synthetic:{}", fam.task),
             });
         let p = dir.join(format!("family-{name}.onnx"));
         write_model(&p, &trained)?;
@@ -96,10 +110,11 @@ fn main() -> Result<()> {
             0,
         )?;
         println!(
-            "{name}: {} ({} bytes), trained in {:.0} s, top-1 on shapes10 test:2000 (ORT) {:.2}%",
+            "{name}: {} ({} bytes), trained in {:.0} s, top-1 on {} test:2000 (ORT) {:.2}%",
             p.display(),
             m.size_bytes,
             t0.elapsed().as_secs_f64(),
+            fam.task,
             r.top1
         );
     }

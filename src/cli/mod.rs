@@ -563,7 +563,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &teacher,
                     crate::verify::synth::SynthConfig {
                         steps: synth_steps,
-                        ..crate::verify::synth::SynthConfig::verification(images, seed)
+                        ..crate::verify::synth::SynthConfig::verification(
+                            images,
+                            seed,
+                            teacher.classes,
+                        )
                     },
                 )?),
             };

@@ -94,12 +94,12 @@ pub fn parse_triple(s: &str) -> Result<[f32; 3]> {
     Ok([v[0], v[1], v[2]])
 }
 
-/// `synthetic:shapes10:SPLIT[:N]` (N defaults to 2000).
+/// `synthetic:shapes10|shapes2:SPLIT[:N]` (N defaults to 2000), drawn at the model's side.
 fn open_synthetic(rest: &str, height: usize, width: usize) -> Result<Dataset> {
     let parts: Vec<&str> = rest.split(':').collect();
-    let usage = "synthetic data is written synthetic:shapes10:train|test[:N]";
+    let usage = "synthetic data is written synthetic:shapes10|shapes2:train|test[:N]";
     ensure!(
-        parts.len() >= 2 && parts.len() <= 3 && parts[0] == "shapes10",
+        parts.len() >= 2 && parts.len() <= 3 && synthetic::task(parts[0]).is_some(),
         "{usage}, got 'synthetic:{rest}'"
     );
     let n = match parts.get(2) {
@@ -111,14 +111,15 @@ fn open_synthetic(rest: &str, height: usize, width: usize) -> Result<Dataset> {
         None => 2000,
     };
     ensure!(
-        (height, width) == (synthetic::SIZE, synthetic::SIZE),
-        "shapes10 images are 32x32 but the model takes {height}x{width}"
+        height == width && height >= 8,
+        "{} images are square (8 px or more) but the model takes {height}x{width}",
+        parts[0]
     );
-    synthetic::generate(parts[1], n)
+    synthetic::generate_task(parts[0], parts[1], n, height)
         .with_context(|| format!("{usage}: unknown split '{}'", parts[1]))
 }
 
-/// Opens `--data SPEC`: `synthetic:shapes10:SPLIT[:N]`, `cifar10:FILE`, `cifar100:FILE`, a CIFAR binary file (10 or 100 classes
+/// Opens `--data SPEC`: `synthetic:shapes10|shapes2:SPLIT[:N]`, `cifar10:FILE`, `cifar100:FILE`, a CIFAR binary file (10 or 100 classes
 /// told apart by record size), or a folder of class sub-folders. Images are resized to
 /// `height` x `width` where they differ.
 pub fn open(spec: &str, height: usize, width: usize) -> Result<Dataset> {

@@ -28,9 +28,12 @@ pub enum Inputs<'a> {
     Synthesized(&'a Synthesized),
 }
 
-/// Reference confidence (top-class probability) above which a synthesized image counts as
-/// clearly classified.
-pub const CONFIDENT: f32 = 0.5;
+/// Reference confidence (top-class probability) above which a synthesized image of a
+/// `classes`-way reference counts as clearly classified: odds of 9 against each other class
+/// (0.5 at 10 classes, 0.9 at 2), never below 0.5.
+pub fn confident(classes: usize) -> f32 {
+    super::synth::probability_at_odds(9.0, classes).max(0.5) as f32
+}
 
 /// Agreement where the reference is sure of its prediction.
 #[derive(Debug, Clone, Serialize)]
@@ -134,6 +137,7 @@ pub fn compare(
         Inputs::Synthesized(s) => (s.images, s.describe()),
     };
     let (mut err_sum, mut conf_n, mut conf_agree) = (0.0f64, 0usize, 0usize);
+    let confident_at = confident(classes);
     let (mut sa, mut ra) = (Accuracy::new(classes), Accuracy::new(classes));
     let (mut agree, mut sim_agree, mut sim_diff) = (0usize, 0usize, 0.0f64);
     let mut sim_err: Option<String> = sim.as_ref().err().cloned();
@@ -170,7 +174,7 @@ pub fn compare(
             agree += same as usize;
             err_sum += logit_error(a, b);
             if let Inputs::Synthesized(s) = inputs
-                && s.confidence[start + k] >= CONFIDENT
+                && s.confidence[start + k] >= confident_at
             {
                 conf_n += 1;
                 conf_agree += same as usize;
@@ -236,7 +240,7 @@ pub fn compare(
         top1_drop: labelled.then(|| ra.top1() - sa.top1()),
         logit_error: err_sum / n.max(1) as f64,
         confident: matches!(inputs, Inputs::Synthesized(_)).then(|| Confident {
-            threshold: CONFIDENT,
+            threshold: confident_at,
             images: conf_n,
             agreement: conf_agree as f64 / conf_n.max(1) as f64,
         }),

@@ -48,16 +48,25 @@ impl Default for SynthConfig {
 }
 
 impl SynthConfig {
-    /// Inputs for checking a student: classified as their class with probability about 0.7
-    /// (confident, so not near-ties, but not so extreme that a poor student agrees anyway).
-    pub fn verification(images: usize, seed: u64) -> Self {
+    /// Inputs for checking a student of a `classes`-way reference: classified as their class
+    /// with odds of 21 against each other class (probability 0.7 at 10 classes, 0.95 at 2), and
+    /// never below 0.7: confident, so not near-ties, but not so extreme that a poor student
+    /// agrees anyway. Odds, not a probability, because 0.7 against a single other class is
+    /// close to a tie.
+    pub fn verification(images: usize, seed: u64, classes: usize) -> Self {
         Self {
             images,
-            confidence: Some(0.7),
+            confidence: Some(probability_at_odds(21.0, classes).max(0.7)),
             seed,
             ..Default::default()
         }
     }
+}
+
+/// The top class's probability when it is `odds` times as likely as each of the other
+/// `classes - 1`.
+pub fn probability_at_odds(odds: f64, classes: usize) -> f64 {
+    odds / (odds + classes.saturating_sub(1) as f64)
 }
 
 /// A synthesized batch and what the reference makes of it.
@@ -87,7 +96,7 @@ impl Synthesized {
             self.config.steps,
             self.config
                 .confidence
-                .map_or(String::new(), |c| format!(", aiming at confidence {c}")),
+                .map_or(String::new(), |c| format!(", aiming at confidence {c:.2}")),
             100.0 * self.on_target,
             self.ce,
             self.bns

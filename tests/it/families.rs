@@ -1,7 +1,7 @@
 //! Small classifiers of the architecture families real users bring, built with the project's
-//! ONNX builder (3x32x32 inputs, 10 classes, opset 17, dynamic batch) and trained on shapes10 by
-//! `examples/train_families.rs` into `onnx/family-*.onnx`. Each carries what its family's
-//! exporters write:
+//! ONNX builder (opset 17, dynamic batch; 3x32x32 inputs and 10 classes unless said) and trained
+//! on shapes10 by `examples/train_families.rs` into `onnx/family-*.onnx`. Each carries what its
+//! family's exporters write:
 //! - `keras`: raw 0..255 pixels and no normalisation layer, Keras 'same' padding as Pad + Conv
 //!   (asymmetric at stride 2), conv biases, 1x1 projection shortcuts without BN, MaxPool and a
 //!   Flatten head;
@@ -11,7 +11,13 @@
 //! - `densenet`: inputs in [-1, 1]; dense blocks (BN -> ReLU -> conv, Concat), a transition with
 //!   AveragePool, a GlobalAveragePool head;
 //! - `preact`: standardized inputs; pre-activation residual blocks (BN -> ReLU -> conv, BN after
-//!   the residual Add, projection from the pre-activated input).
+//!   the residual Add, projection from the pre-activated input);
+//! - `tf-mobilenet`: a TensorFlow/Keras MobileNetV1 as vendors of embedded person detectors
+//!   ship it: 96x96 NHWC input in [0, 1] (a Transpose to NCHW inside), 'same' padding as an
+//!   asymmetric Pad before each stride-2 conv, depthwise convs with biases, BN eps 1e-3, ReLU6,
+//!   two classes (shapes2: object / texture) and a final Softmax (the file outputs
+//!   probabilities). The builder makes the NCHW logits core; the training example writes the
+//!   interface around it.
 //!
 //! Weights are random but fixed by the seed; the training example makes them useful.
 
@@ -21,21 +27,56 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-/// The families, with the preprocessing each was trained with: (name, scale, mean, std).
-pub const FAMILIES: &[(&str, f32, [f32; 3], [f32; 3])] = &[
-    ("keras", 1.0, [0.0; 3], [1.0; 3]),
-    ("mobilenet", 255.0, [0.0; 3], [1.0; 3]),
-    ("densenet", 255.0, [0.5; 3], [0.5; 3]),
-    ("preact", 255.0, [0.5, 0.45, 0.4], [0.25, 0.24, 0.26]),
+/// A family fixture and how it was trained.
+pub struct Family {
+    pub name: &'static str,
+    /// The preprocessing its training used: pixels / scale, then (x - mean) / std.
+    pub scale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// The synthetic task (`shapes10` or `shapes2`) and the side its images are drawn at.
+    pub task: &'static str,
+    pub side: usize,
+    /// Written as TensorFlow exports: NHWC input, a final Softmax.
+    pub tensorflow: bool,
+}
+
+const fn plain(name: &'static str, scale: f32, mean: [f32; 3], std: [f32; 3]) -> Family {
+    Family {
+        name,
+        scale,
+        mean,
+        std,
+        task: "shapes10",
+        side: 32,
+        tensorflow: false,
+    }
+}
+
+pub const FAMILIES: &[Family] = &[
+    plain("keras", 1.0, [0.0; 3], [1.0; 3]),
+    plain("mobilenet", 255.0, [0.0; 3], [1.0; 3]),
+    plain("densenet", 255.0, [0.5; 3], [0.5; 3]),
+    plain("preact", 255.0, [0.5, 0.45, 0.4], [0.25, 0.24, 0.26]),
+    Family {
+        name: "tf-mobilenet",
+        scale: 255.0,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        task: "shapes2",
+        side: 96,
+        tensorflow: true,
+    },
 ];
 
-/// The family `name`'s untrained model.
+/// The family `name`'s untrained model (its NCHW logits core for TensorFlow-style families).
 pub fn build(name: &str, seed: u64) -> ModelProto {
     match name {
         "keras" => keras(seed),
         "mobilenet" => mobilenet(seed),
         "densenet" => densenet(seed),
         "preact" => preact(seed),
+        "tf-mobilenet" => tf_mobilenet(seed),
         other => panic!("no family {other}"),
     }
 }
@@ -48,11 +89,20 @@ struct B {
 
 impl B {
     fn new(name: &str, seed: u64) -> Self {
+        Self::sized(name, seed, 32)
+    }
+
+    fn sized(name: &str, seed: u64, side: usize) -> Self {
         let mut m = ModelBuilder::new(name, 17);
         m.input(
             "input",
             DataType::Float,
-            &[Dim::from("N"), 3.into(), 32.into(), 32.into()],
+            &[
+                Dim::from("N"),
+                3.into(),
+                (side as i64).into(),
+                (side as i64).into(),
+            ],
         );
         Self {
             m,
@@ -171,10 +221,15 @@ impl B {
 
     /// Flatten -> Gemm to 10 logits, the graph's output.
     fn classifier(&mut self, x: &str, features: usize) {
+        self.head(x, features, 10)
+    }
+
+    /// Flatten -> Gemm to `classes` logits, the graph's output.
+    fn head(&mut self, x: &str, features: usize, classes: usize) {
         let flat = self.op("Flatten", &[x], vec![attr_int("axis", 1)]);
-        let w = self.normal(10 * features, (1.0 / features as f32).sqrt());
-        self.m.init_f32("fc.weight", &[10, features], &w);
-        self.m.init_f32("fc.bias", &[10], &[0.0; 10]);
+        let w = self.normal(classes * features, (1.0 / features as f32).sqrt());
+        self.m.init_f32("fc.weight", &[classes, features], &w);
+        self.m.init_f32("fc.bias", &[classes], &vec![0.0; classes]);
         self.m.node(
             "Gemm",
             "fc",
@@ -182,8 +237,11 @@ impl B {
             &["logits"],
             vec![attr_int("transB", 1)],
         );
-        self.m
-            .output("logits", DataType::Float, &[Dim::from("N"), Dim::Fixed(10)]);
+        self.m.output(
+            "logits",
+            DataType::Float,
+            &[Dim::from("N"), Dim::Fixed(classes as i64)],
+        );
     }
 
     fn build(self) -> ModelProto {
@@ -334,5 +392,43 @@ fn preact(seed: u64) -> ModelProto {
     let y = b.relu(&y);
     let y = b.op("GlobalAveragePool", &[&y], vec![]);
     b.classifier(&y, c);
+    b.build()
+}
+
+/// The core of a Keras MobileNetV1 (width 0.25-like) at 96 px for two classes: 'same' padding is
+/// a `pads` attribute at stride 1 and an explicit bottom/right Pad at stride 2, as tf2onnx
+/// writes it; depthwise convs carry biases.
+fn tf_mobilenet(seed: u64) -> ModelProto {
+    let mut b = B::sized("tf_mobilenet_v1", seed, 96);
+    let eps = 1e-3;
+    let x = b.pad("input", [0, 0, 1, 1]);
+    let x = b.conv(&x, 3, 8, 3, 2, None, 1, false);
+    let x = b.bn(&x, 8, eps);
+    let mut x = b.relu6(&x);
+    let mut c = 8;
+    for (cout, stride) in [
+        (16usize, 1i64),
+        (32, 2),
+        (32, 1),
+        (64, 2),
+        (64, 1),
+        (128, 2),
+        (128, 1),
+    ] {
+        let y = if stride == 2 {
+            let y = b.pad(&x, [0, 0, 1, 1]);
+            b.conv(&y, c, c, 3, 2, None, c, true)
+        } else {
+            b.conv(&x, c, c, 3, 1, Some(1), c, true)
+        };
+        let y = b.bn(&y, c, eps);
+        let y = b.relu6(&y);
+        let y = b.conv(&y, c, cout, 1, 1, Some(0), 1, false);
+        let y = b.bn(&y, cout, eps);
+        x = b.relu6(&y);
+        c = cout;
+    }
+    let y = b.op("GlobalAveragePool", &[&x], vec![]);
+    b.head(&y, c, 2);
     b.build()
 }

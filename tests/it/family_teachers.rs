@@ -13,7 +13,18 @@ const EXPECTED: &[(&str, &str)] = &[
     ("mobilenet", "unit"),
     ("densenet", "symmetric"),
     ("preact", "standardized"),
+    ("tf-mobilenet", "unit"),
 ];
+
+/// The labelled test images of a family's task, drawn at its side.
+fn test_data(name: &str, n: usize) -> String {
+    let task = if name == "tf-mobilenet" {
+        "shapes2"
+    } else {
+        "shapes10"
+    };
+    format!("synthetic:{task}:test:{n}")
+}
 
 fn family(name: &str) -> String {
     crate::common::repo()
@@ -57,7 +68,7 @@ fn family_fixtures_compress_at_w8a8_without_flags_and_pass_verify_without_data()
             "--bits",
             "w8a8",
             "--data",
-            "synthetic:shapes10:test:500",
+            &test_data(name, 500),
             "--out",
             &dir_s,
         ]);
@@ -68,15 +79,21 @@ fn family_fixtures_compress_at_w8a8_without_flags_and_pass_verify_without_data()
         assert!(r["self_check"].is_null(), "{name}: {}", r["self_check"]);
         let v = &r["verification_data"];
         let drop = v["top1_drop"].as_f64().unwrap();
-        // Measured on test:2000: keras 0.45, mobilenet 0.85, densenet 0.5, preact 0.2 points.
+        // Measured on test:2000: keras 0.45, mobilenet 0.85, densenet 0.5, preact 0.2,
+        // tf-mobilenet 0.1 points.
         assert!(drop <= 2.0, "{name}: top-1 drop {drop}");
         let agreement = v["agreement"].as_f64().unwrap();
         assert!(agreement >= 0.97, "{name}: agreement {agreement}");
         // Exact scales: ORT computes the simulation's logits wherever no float op intervenes.
         let sim = &v["simulation"]["Ok"];
         assert_eq!(sim["top1_agreement"], 1.0, "{name}: {sim}");
-        // The student records the domain it was calibrated for.
+        // The student records the domain it was calibrated for, and keeps the teacher's
+        // signature (the TensorFlow-style file: NHWC input, probabilities out).
         let student = load_model(&dir.join("student.onnx")).unwrap();
+        let t = load_model(std::path::Path::new(&teacher)).unwrap();
+        let (sg, tg) = (student.graph(), t.graph());
+        assert_eq!(sg.input, tg.input, "{name}");
+        assert_eq!(sg.output, tg.output, "{name}");
         let meta = &student.proto.metadata_props;
         assert!(
             meta.iter()
@@ -99,6 +116,57 @@ fn family_fixtures_compress_at_w8a8_without_flags_and_pass_verify_without_data()
             String::from_utf8_lossy(&gate.stderr)
         );
     }
+}
+
+/// GDFQ at 96 px with two classes on the TensorFlow-style file: the generator starts at a
+/// quarter of the side, the sample grid has one row per class, the student keeps the NHWC
+/// input and the probabilities output.
+#[test]
+fn gdfq_runs_on_the_96px_two_class_tensorflow_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gdfq");
+    let teacher = family("tf-mobilenet");
+    let out = datafree(&[
+        "compress",
+        &teacher,
+        "--method",
+        "gdfq",
+        "--bits",
+        "w4a4",
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "2",
+        "--batch",
+        "4",
+        "--warmup-epochs",
+        "1",
+        "--grid-every",
+        "4",
+        "--verify-images",
+        "16",
+        "--data",
+        &test_data("tf-mobilenet", 100),
+        "--out",
+        &dir.display().to_string(),
+    ]);
+    // A 4-iteration student may fail the self-check (exit 1); it must still be written.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grid = image::open(dir.join("samples-000004.png")).unwrap();
+    assert_eq!(grid.width(), 4 * grid.height(), "8 columns, 2 class rows");
+    let student = load_model(&dir.join("student.onnx")).unwrap();
+    let t = load_model(std::path::Path::new(&teacher)).unwrap();
+    assert_eq!(student.graph().input, t.graph().input);
+    assert_eq!(student.graph().output, t.graph().output);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let v = &r["verification_data"];
+    assert!(v["reference_top1"].as_f64().unwrap() >= 95.0, "{v}");
+    assert_eq!(v["simulation"]["Ok"]["top1_agreement"], 1.0, "{v}");
 }
 
 #[test]
