@@ -163,6 +163,8 @@ pub fn run(
     json: bool,
 ) -> Result<ExitCode> {
     let cfg = opts.distil_config()?;
+    cfg.train.validate()?;
+    let start = crate::pipeline::distil::open_student(teacher, &cfg)?;
     let same = opts.gdfq.resume.as_deref() == Some(out);
     crate::pipeline::prepare_out_dir(out, force || same)?;
     let mut log = |m: &str| {
@@ -170,7 +172,7 @@ pub fn run(
             eprintln!("{m}");
         }
     };
-    let r = crate::pipeline::distil::distil(teacher, out, &cfg, data, &mut log)?;
+    let r = crate::pipeline::distil::distil(teacher, start, out, &cfg, data, &mut log)?;
     let path = out.join("report.json");
     crate::io::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
     if json {

@@ -73,8 +73,9 @@ pub struct DistilReport {
     pub wall_seconds: f64,
 }
 
-/// Opens the student and refuses one that cannot stand in for the teacher.
-fn open_student(teacher: &Teacher, cfg: &DistilConfig) -> Result<Teacher> {
+/// Opens the student and refuses one that cannot stand in for the teacher (before anything is
+/// written, so a refusal leaves no folder behind).
+pub fn open_student(teacher: &Teacher, cfg: &DistilConfig) -> Result<Teacher> {
     let file = crate::onnx::load_model(&cfg.student)?;
     let file = match cfg.student_init {
         StudentInit::Keep => file,
@@ -112,9 +113,10 @@ fn open_student(teacher: &Teacher, cfg: &DistilConfig) -> Result<Teacher> {
     Ok(s)
 }
 
-/// Runs the distillation; `data` only MEASURES the student.
+/// Runs the distillation from `start` (from [`open_student`]); `data` only MEASURES the student.
 pub fn distil(
     teacher: &Teacher,
+    start: Teacher,
     out: &Path,
     cfg: &DistilConfig,
     data: Option<&Dataset>,
@@ -122,7 +124,6 @@ pub fn distil(
 ) -> Result<DistilReport> {
     let t0 = Instant::now();
     cfg.train.validate()?;
-    let start = open_student(teacher, cfg)?;
     let tp = teacher.program(&cfg.device)?;
     let mut sp = crate::lower::lower_with(&start.model, &cfg.device, DType::F32, true)?;
     log(&format!(
