@@ -350,6 +350,40 @@ pub struct GdfqArgs {
 }
 
 impl GdfqArgs {
+    /// The preset and run settings of `self` with GDFQ's own budget and defaults: for a GDFQ
+    /// run after another method (`--finetune`), whose budget flags size that other run.
+    pub fn preset_only(&self) -> Self {
+        Self {
+            preset: self.preset,
+            epochs: None,
+            iters_per_epoch: None,
+            batch: None,
+            warmup_epochs: None,
+            student_lr: None,
+            student_momentum: None,
+            student_weight_decay: None,
+            lr_milestones: None,
+            lr_gamma: None,
+            generator: None,
+            generator_lr: None,
+            generator_betas: None,
+            bns_weight: None,
+            bns_units: self.bns_units,
+            student_ce_weight: None,
+            feature_weight: None,
+            temperature: None,
+            range_ema: None,
+            range_source: None,
+            range_lr: None,
+            checkpoint_every: self.checkpoint_every,
+            resume: None,
+            grid_every: self.grid_every,
+            eval_every: self.eval_every,
+            eval_images: self.eval_images,
+            stop_after: None,
+        }
+    }
+
     /// The preset with the flags over it; `validate` refuses settings that would train wrongly.
     pub fn config(&self, seed: u64, validate: bool) -> Result<TrainConfig> {
         let mut c = TrainConfig::preset(self.preset, seed);

@@ -76,6 +76,18 @@ pub struct CpscArgs {
     /// reference].
     #[arg(long)]
     pub student_grad_clip: Option<f64>,
+    /// With --bits wNaM: quantize the distilled student by GDFQ (a generator trained on it,
+    /// then fine-tuning of the fake-quantized student; GDFQ's own budget for --preset) instead
+    /// of BN-analytic PTQ.
+    #[arg(long)]
+    pub finetune: bool,
+    /// GDFQ epochs of --finetune [default: the preset's]; the warm-up keeps at least one
+    /// fine-tuning epoch.
+    #[arg(long, value_name = "N")]
+    pub finetune_epochs: Option<usize>,
+    /// GDFQ iterations per epoch of --finetune [default: the preset's].
+    #[arg(long, value_name = "N")]
+    pub finetune_iters_per_epoch: Option<usize>,
 }
 
 impl CompressArgs {
@@ -128,12 +140,42 @@ impl CompressArgs {
             )
         })?;
         let quantize = match self.bits {
-            Bits::Float => None,
-            Bits::Quant(_) => {
-                // The distilled student is quantized by BN-analytic PTQ.
+            Bits::Float => {
+                ensure!(
+                    !c.finetune,
+                    "--finetune fine-tunes a quantized student: give --bits wNaM with it"
+                );
+                None
+            }
+            Bits::Quant(_) if !c.finetune => {
+                ensure!(
+                    c.finetune_epochs.is_none() && c.finetune_iters_per_epoch.is_none(),
+                    "--finetune-epochs / --finetune-iters-per-epoch size --finetune: give it too"
+                );
                 let mut q = self.clone();
                 q.method = Method::PtqBn;
                 Some(q.config()?)
+            }
+            Bits::Quant(_) => {
+                // --finetune: GDFQ at its own budget; the budget flags given here size the
+                // distillation, and the distillation's checkpoints are not GDFQ's.
+                let mut q = self.clone();
+                q.method = Method::Gdfq;
+                q.gdfq = self.gdfq.preset_only();
+                let mut qc = q.config()?;
+                if let Some(e) = c.finetune_epochs {
+                    ensure!(
+                        e >= 2,
+                        "--finetune-epochs must be at least 2 (warm-up + fine-tuning)"
+                    );
+                    qc.train.epochs = e;
+                    qc.train.warmup_epochs = qc.train.warmup_epochs.min(e - 1);
+                }
+                if let Some(n) = c.finetune_iters_per_epoch {
+                    qc.train.iters_per_epoch = n;
+                }
+                qc.train.validate()?;
+                Some(qc)
             }
         };
         let base = self.config_with_bits(BitSpec {

@@ -175,14 +175,15 @@ pub fn distil(
         proto: trained,
         ..start.model.clone()
     };
-    let (mut proto, bn_folded) = match cfg.bn {
-        BnMode::Fold => crate::export::fold_bn(&trained)?,
-        BnMode::Keep => (trained.proto.clone(), 0),
-    };
-    proto.metadata_props = metadata(teacher, cfg)
+    let mut trained = trained;
+    trained.proto.metadata_props = metadata(teacher, cfg)
         .into_iter()
         .map(|(key, value)| crate::onnx::pb::StringStringEntryProto { key, value })
         .collect();
+    let (proto, bn_folded) = match cfg.bn {
+        BnMode::Fold => crate::export::fold_bn(&trained)?,
+        BnMode::Keep => (trained.proto.clone(), 0),
+    };
     let student_path = out.join("student.onnx");
     crate::onnx::builder::write_model(&student_path, &proto)?;
     let student = crate::onnx::load_model(&student_path)?;
@@ -216,7 +217,16 @@ pub fn distil(
         Some(q) => {
             let dir = out.join("quantized");
             super::prepare_out_dir(&dir, true)?;
-            let distilled = Teacher::new(student.clone(), Some(teacher.preprocess().clone()))?;
+            // Quantized from the student with its BN layers and running statistics: the
+            // ranges of ptq-bn and the BN targets of GDFQ come from them.
+            let reference = if bn_folded > 0 {
+                let path = dir.join("distilled-bn.onnx");
+                crate::onnx::builder::write_model(&path, &trained.proto)?;
+                crate::onnx::load_model(&path)?
+            } else {
+                student.clone()
+            };
+            let distilled = Teacher::new(reference, Some(teacher.preprocess().clone()))?;
             log(&format!(
                 "quantizing the distilled student: {} {}",
                 q.bits,

@@ -246,6 +246,59 @@ fn distil_then_quantize_writes_a_qdq_student_of_the_new_architecture() {
     assert!(ops.contains(&"QuantizeLinear") && ops.contains(&"DequantizeLinear"));
     // The quantized file is the distilled student's graph (a pre-activation WRN's Adds).
     assert!(ops.iter().filter(|o| **o == "Add").count() >= 3);
+    // Quantized from the student with its BN layers and learned running statistics (the float
+    // export folds them), so ptq-bn has its BN ranges.
+    assert_eq!(q["method"], "ptq-bn");
+    let kept = datafree::onnx::load_model(&a.join("quantized/distilled-bn.onnx")).unwrap();
+    let bn = datafree::onnx::bn::analyse(&kept);
+    assert!(bn.bn_count >= 3 && bn.verdict == datafree::onnx::bn::Verdict::Complete);
+}
+
+#[test]
+fn finetune_quantizes_the_distilled_student_by_gdfq() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path(), "resnet8", 10);
+    let a = dir.path().join("a");
+    let out = cpsc(
+        &s,
+        &a,
+        &[
+            "--bits",
+            "w4a4",
+            "--finetune",
+            "--finetune-epochs",
+            "2",
+            "--finetune-iters-per-epoch",
+            "2",
+        ],
+    );
+    // A 4-iteration fine-tuning may fail the self-check (exit 1); its files are still written.
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("report.json")).unwrap()).unwrap();
+    let q = &r["quantized"];
+    assert_eq!(
+        (q["method"].as_str(), q["bits"].as_str()),
+        (Some("gdfq"), Some("w4a4"))
+    );
+    // GDFQ's own schedule (tiny preset, 2 x 2 iterations), not the distillation's rounds.
+    let cfg = &q["training"]["config"];
+    assert_eq!(
+        (cfg["epochs"].as_u64(), cfg["iters_per_epoch"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(cfg["warmup_epochs"].as_u64(), Some(1));
+    let lines = std::fs::read_to_string(a.join("quantized/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    assert!(a.join("quantized/student.onnx").exists());
+    // Without quantized bits there is nothing to fine-tune.
+    let out = cpsc(&s, &dir.path().join("b"), &["--bits", "fp32", "--finetune"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--finetune"));
 }
 
 #[test]
