@@ -18,12 +18,11 @@ const EXPECTED: &[(&str, &str)] = &[
 
 /// The labelled test images of a family's task, drawn at its side.
 fn test_data(name: &str, n: usize) -> String {
-    let task = if name == "tf-mobilenet" {
-        "shapes2"
-    } else {
-        "shapes10"
-    };
-    format!("synthetic:{task}:test:{n}")
+    let fam = crate::families::FAMILIES
+        .iter()
+        .find(|f| f.name == name)
+        .expect("a family of families.rs");
+    format!("synthetic:{}:test:{n}", fam.task)
 }
 
 fn family(name: &str) -> String {
