@@ -205,7 +205,6 @@ pub fn run(
     json: bool,
 ) -> Result<ExitCode> {
     let cfg = opts.distil_config()?;
-    cfg.train.validate()?;
     let start = crate::pipeline::distil::open_student(teacher, &cfg)?;
     let same = opts.gdfq.resume.as_deref() == Some(out);
     crate::pipeline::prepare_out_dir(out, force || same)?;
