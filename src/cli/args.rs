@@ -35,8 +35,10 @@ pub struct CompressArgs {
     /// `free` = range / levels.
     #[arg(long, value_enum, default_value_t = Scales::Exact)]
     pub scales: Scales,
-    /// Weight ranges: `none` (each channel's min/max) or `mse` (each channel clipped where its
-    /// squared quantization error is least; symmetric weights only). With gdfq the clip is found
+    /// Weight ranges: `none` (each channel's min/max), `mse` (each channel clipped where its
+    /// squared quantization error is least) or `output` (clipped where the layer's expected
+    /// output error is least, under the moments of its input that the BN statistics or the input
+    /// domain give; `mse` where none reach it). Symmetric weights only. With gdfq the clip is found
     /// once on the teacher's weights and kept during fine-tuning. [default: none; gdfq and
     /// autorecon with symmetric weights: the preset's, quick mse, paper none]
     #[arg(long, value_enum)]

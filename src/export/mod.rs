@@ -484,16 +484,18 @@ pub fn build_student(
     })
 }
 
-/// The model with every planned layer's weight clamped per output channel to its least-error
-/// symmetric clip ([`crate::quant::mse_weight_clip`]); min/max quantization then uses the
-/// clipped grids.
+/// The model with the planned layers' weights clamped per output channel to their least-error
+/// symmetric clips ([`crate::quant::clip_weight`]): by the output error where `inputs` describes
+/// the layer's input, else by the weight's own; min/max quantization then uses the clipped grids.
 pub fn clip_weights(
     model: &LoadedModel,
     plan: &crate::quant::placement::Plan,
+    inputs: Option<&HashMap<String, crate::quant::moments::LayerInput>>,
 ) -> Result<ModelProto> {
     let graph = model.graph();
     let mut values = HashMap::new();
     for l in &plan.layers {
+        let input = inputs.and_then(|m| m.get(&l.input)).map(|m| m.as_input());
         let t = graph
             .initializer
             .iter()
@@ -508,7 +510,7 @@ pub fn clip_weights(
             .map_err(anyhow::Error::msg)?
             .to_f32();
         let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        crate::quant::clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, None);
+        crate::quant::clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, None, input);
         values.insert(l.weight.clone(), v);
     }
     with_initializers(&model.proto, &values)

@@ -193,6 +193,7 @@ fn train(
         (channels, size),
         cfg.clone(),
         fixed,
+        ctx.clip_inputs().as_ref(),
         &io,
     )?;
     log(&format!(

@@ -19,6 +19,7 @@ use crate::data::Dataset;
 use crate::onnx::LoadedModel;
 use crate::onnx::pb::ModelProto;
 use crate::quant::calibrate::Ranges;
+use crate::quant::moments::LayerInput;
 use crate::quant::placement::Plan;
 use crate::quant::{BitSpec, Scales, WeightClip, WeightScheme};
 use crate::search::SearchReport;
@@ -219,6 +220,33 @@ pub struct Context<'a> {
     /// Labelled data, only to MEASURE the student while it trains.
     pub data: Option<&'a Dataset>,
     pub device: &'a Device,
+}
+
+impl Context<'_> {
+    /// The per-channel (mean, variance) natural images have in the teacher's input domain.
+    pub fn domain_moments(&self) -> (Vec<f64>, Vec<f64>) {
+        let (m, sd) = self.teacher.domain.stats();
+        (
+            m.iter().map(|&v| v as f64).collect(),
+            sd.iter().map(|&v| (v as f64).powi(2)).collect(),
+        )
+    }
+
+    /// For `--weight-clip output`, what the BN statistics and the input domain say about the
+    /// planned layers' inputs, which a weight's error is weighed by; None for `mse`.
+    pub fn clip_inputs(&self) -> Option<HashMap<String, LayerInput>> {
+        if self.weight_clip != WeightClip::Output {
+            return None;
+        }
+        let (mean, var) = self.domain_moments();
+        let inputs: Vec<String> = self.plan.layers.iter().map(|l| l.input.clone()).collect();
+        Some(crate::quant::moments::layer_inputs(
+            &self.teacher.model.proto,
+            self.teacher.bn(),
+            (&mean, &var),
+            &inputs,
+        ))
+    }
 }
 
 /// What a training method reports (report.json's `training`).

@@ -76,9 +76,7 @@ pub fn bn_statistics_ranges(ctx: &Context) -> (Ranges, HashMap<String, RangeOrig
             )
         })
         .collect();
-    let (m, sd) = ctx.teacher.domain.stats();
-    let mean: Vec<f64> = m.iter().map(|&v| v as f64).collect();
-    let var: Vec<f64> = sd.iter().map(|&v| (v as f64).powi(2)).collect();
+    let (mean, var) = ctx.domain_moments();
     let r = calibrate::bn_ranges(
         &ctx.teacher.model.proto,
         ctx.teacher.bn(),

@@ -150,6 +150,7 @@ pub fn compress(
         device: &cfg.device,
     };
     let m = methods::run(cfg.method, &ctx, log)?;
+    let clip_inputs = ctx.clip_inputs();
     let calibration_seconds = tc.elapsed().as_secs_f64();
     let params: PointParams = plan
         .points
@@ -167,8 +168,12 @@ pub fn compress(
         None => float,
     };
     // A trained student was clipped while it trained; a PTQ one is clipped here.
-    if weight_clip == WeightClip::Mse && !cfg.method.trains() {
-        student_float = teacher.derived(export::clip_weights(&student_float, &plan)?);
+    if weight_clip.clips() && !cfg.method.trains() {
+        student_float = teacher.derived(export::clip_weights(
+            &student_float,
+            &plan,
+            clip_inputs.as_ref(),
+        )?);
     }
     let export::Student {
         model: student,

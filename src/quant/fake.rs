@@ -288,25 +288,31 @@ impl candle_core::CustomOp3 for Learned {
 
 /// Fake quantization of an activation on the grid of a learned range: the same forward value
 /// as [`fake_quant_activation`] on `QParams::activation(range, bits, scales)`, with gradients
-/// for the input and the range (see `Learned::bwd`). CPU only.
+/// for the input and the range (see `Learned::bwd`). On other devices the op runs on the host
+/// (candle carries values and gradients across).
 pub fn fake_quant_learned(
     x: &Tensor,
     r: &LearnedRange,
     bits: u8,
     scales: super::Scales,
 ) -> Result<Tensor> {
-    anyhow::ensure!(
-        x.device().is_cpu(),
-        "learned activation ranges (--range-lr) train on the CPU only"
-    );
     let (lo, hi) = r.range()?;
     let op = Learned {
         q: QParams::activation(lo, hi, bits, scales),
         width: r.width,
         learn_lo: r.learn_lo,
     };
-    Ok(x.contiguous()?
-        .apply_op3(r.a.as_tensor(), r.b.as_tensor(), op)?)
+    if x.device().is_cpu() {
+        return Ok(x
+            .contiguous()?
+            .apply_op3(r.a.as_tensor(), r.b.as_tensor(), op)?);
+    }
+    let host = |t: &Tensor| t.to_device(&crate::device::HOST);
+    let y =
+        host(x)?
+            .contiguous()?
+            .apply_op3(&host(r.a.as_tensor())?, &host(r.b.as_tensor())?, op)?;
+    Ok(y.to_device(x.device())?)
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ pub mod placement;
 mod weights;
 
 pub use weights::{
-    QuantizedWeight, WeightClip, channel_major, clip_weight, from_channel_major, mse_weight_clip,
-    quantize_weight, quantize_weight_exact,
+    InputMoments, QuantizedWeight, WeightClip, channel_major, clip_weight, from_channel_major,
+    mse_weight_clip, output_weight_clip, quantize_weight, quantize_weight_exact,
 };
 
 use anyhow::{Result, bail, ensure};

@@ -324,6 +324,95 @@ pub fn propagate(
     m
 }
 
+/// Correlation of two values of one image channel within a 3 x 3 window, averaged over the
+/// window's pairs: 0.92 for neighbours, 0.87 diagonally, 0.83 two apart (measured on natural
+/// photographs; docs/results.md, "Weight clipping by output error").
+pub const IMAGE_WINDOW_CORRELATION: f64 = 0.85;
+
+/// What a weight clip knows of a layer's input.
+#[derive(Debug, Clone)]
+pub struct LayerInput {
+    pub moments: Moments,
+    /// Correlation of the values one weight row reads within a channel: natural images' for
+    /// the network input, 0 (unknown) inside the network.
+    pub window_corr: f64,
+}
+
+/// What `model`'s BN statistics (or, for the network input, its domain's `input` moments) say
+/// about the given layer inputs, keyed by tensor; inputs they do not reach are left out. For a
+/// weight clip, unlike a range, a global pool's output may take its input's per-pixel moments:
+/// the same mean, and a spread no larger.
+pub fn layer_inputs(
+    model: &ModelProto,
+    bn: &BnReport,
+    input: (&[f64], &[f64]),
+    tensors: &[String],
+) -> HashMap<String, LayerInput> {
+    let m = propagate(model, bn, input);
+    let graph = model.graph.as_ref().expect("validated");
+    let g = GraphIndex::new(graph);
+    // Back through ops that keep each channel's values or their mean, a few steps at most.
+    let back = |t: &str, global_pool: bool| -> Option<&str> {
+        let n = g.node(g.producer(t)?);
+        let spatial_mean = n.op_type == "ReduceMean"
+            && attr_ints(n, "axes").is_some_and(|a| a.iter().all(|&x| x >= 2));
+        let keeps = match n.op_type.as_str() {
+            "Pad" | "Identity" | "Flatten" | "Reshape" | "Squeeze" => true,
+            "GlobalAveragePool" | "AveragePool" => global_pool,
+            _ => global_pool && spatial_mean,
+        };
+        keeps.then(|| n.input.first().map(String::as_str)).flatten()
+    };
+    let reads_image = |t: &str| {
+        let mut at = t;
+        for _ in 0..8 {
+            if g.is_graph_input(at) {
+                return true;
+            }
+            match back(at, false) {
+                Some(x) => at = x,
+                None => return false,
+            }
+        }
+        false
+    };
+    tensors
+        .iter()
+        .filter_map(|t| {
+            let mut at = t.as_str();
+            for _ in 0..8 {
+                if let Some(x) = m.get(at) {
+                    let window_corr = if reads_image(t) {
+                        IMAGE_WINDOW_CORRELATION
+                    } else {
+                        0.0
+                    };
+                    let moments = x.clone();
+                    return Some((
+                        t.clone(),
+                        LayerInput {
+                            moments,
+                            window_corr,
+                        },
+                    ));
+                }
+                at = back(at, true)?;
+            }
+            None
+        })
+        .collect()
+}
+
+impl LayerInput {
+    pub fn as_input(&self) -> crate::quant::InputMoments<'_> {
+        crate::quant::InputMoments {
+            mean: &self.moments.mean,
+            var: &self.moments.var,
+            window_corr: self.window_corr,
+        }
+    }
+}
+
 /// The output moments of one node from its inputs'.
 fn forward(
     g: &GraphIndex,

@@ -606,3 +606,47 @@ fn an_external_data_teacher_compresses_like_its_inline_twin() {
         assert_eq!(run(&a), run(&b), "--bn {bn}: students differ");
     }
 }
+
+#[test]
+fn output_weight_clip_knows_each_layer_input_of_the_quickstart_teacher() {
+    use datafree::quant::moments::{IMAGE_WINDOW_CORRELATION, layer_inputs, propagate};
+    use datafree::quant::placement::{PlanOptions, plan};
+    let path = Path::new(crate::common::QUICKSTART);
+    let model = load_model(path).unwrap();
+    let bn = datafree::onnx::bn::analyse(&model);
+    let p = plan(
+        &model.proto,
+        PlanOptions {
+            bits: "w4a4".parse().unwrap(),
+            first_last_bits: None,
+            fusion_outputs: false,
+            reduce_range: true,
+        },
+    )
+    .unwrap();
+    let (mean, var) = ([0.1; 3], [0.9; 3]);
+    let inputs: Vec<String> = p.layers.iter().map(|l| l.input.clone()).collect();
+    let known = layer_inputs(&model.proto, &bn, (&mean, &var), &inputs);
+    // Every layer's input is described: the image (the domain's moments, correlated pixels),
+    // the inner convs' (from BN statistics), and the classifier's (the pooled features'
+    // per-pixel moments, through GlobalAveragePool and Flatten).
+    assert_eq!(known.len(), p.layers.len(), "{:?}", known.keys());
+    let first = &known[&p.layers[0].input];
+    assert_eq!(first.moments.mean, mean.to_vec());
+    assert_eq!(first.window_corr, IMAGE_WINDOW_CORRELATION);
+    let all = propagate(&model.proto, &bn, (&mean, &var));
+    for l in &p.layers[1..] {
+        let k = &known[&l.input];
+        assert_eq!(k.window_corr, 0.0, "{}", l.node);
+        if let Some(m) = all.get(&l.input) {
+            assert_eq!(&k.moments, m, "{}", l.node);
+        }
+    }
+    let last = p.layers.last().unwrap();
+    assert_eq!(last.op, "Gemm");
+    assert!(
+        !all.contains_key(&last.input),
+        "a pooled tensor has no range moments"
+    );
+    assert_eq!(known[&last.input].moments.mean.len(), 32);
+}

@@ -69,7 +69,7 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
     let cfg = &report(&a)["training"]["config"];
     assert_eq!(
         (cfg["range_lr"].as_f64(), cfg["weight_clip"].as_str()),
-        (Some(1e-3), Some("mse"))
+        (Some(1e-3), Some("output"))
     );
 
     // Crash after iteration 7 (last checkpoint: 6), then resume in place.
@@ -421,7 +421,7 @@ fn learned_ranges_move_the_exported_grids_and_resume_bit_for_bit() {
 }
 
 #[test]
-fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
+fn weight_clipping_changes_the_student_and_keeps_it_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let ptq = |out: &Path, extra: &[&str]| {
         let mut args = vec![
@@ -445,6 +445,18 @@ fn mse_weight_clipping_changes_the_student_and_keeps_it_exact() {
     assert_ne!(student_bytes(&plain), student_bytes(&clipped));
     let r = report(&clipped);
     assert_eq!(r["weight_clip"], "mse");
+    assert_eq!(
+        r["verification_synthetic"]["simulation"]["Ok"]["max_abs_logit_diff"],
+        0.0
+    );
+
+    // The output-error clip: another student, exact as well.
+    let by_output = tmp.path().join("output");
+    assert_success(&ptq(&by_output, &["--weight-clip", "output"]));
+    assert_ne!(student_bytes(&by_output), student_bytes(&clipped));
+    assert_ne!(student_bytes(&by_output), student_bytes(&plain));
+    let r = report(&by_output);
+    assert_eq!(r["weight_clip"], "output");
     assert_eq!(
         r["verification_synthetic"]["simulation"]["Ok"]["max_abs_logit_diff"],
         0.0

@@ -29,8 +29,9 @@ use super::optim::{Adam, Sgd};
 use crate::generator::{AutoReconGenerator, GdfqConfig, GdfqGenerator, Generator};
 use crate::lower::Program;
 use crate::quant::fake::{Fold, fake_quant_weight, fake_quant_weight_exact};
+use crate::quant::moments::LayerInput;
 use crate::quant::placement::Plan;
-use crate::quant::{Scales, WeightClip, WeightScheme};
+use crate::quant::{Scales, WeightScheme};
 
 /// One line of the metrics log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -195,7 +196,8 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
 /// Trains generator and student. `teacher` is the frozen teacher (BN taps needed), `student`
 /// the trainable float student graph that `plan` quantizes (`weight_names` maps the plan's
 /// weight names to the student's, when it trains another parametrization); `fixed_ranges` are activation
-/// ranges given in advance (the others are observed during warm-up).
+/// ranges given in advance (the others are observed during warm-up); `clip_inputs` the moments of
+/// the layers' inputs that `--weight-clip output` weighs by (see [`crate::export::clip_weights`]).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     teacher: &Program,
@@ -208,6 +210,7 @@ pub fn train(
     (channels, size): (usize, usize),
     cfg: Config,
     fixed_ranges: &HashMap<String, (f32, f32)>,
+    clip_inputs: Option<&HashMap<String, LayerInput>>,
     io: &Io,
 ) -> Result<Outcome> {
     ensure!(
@@ -292,7 +295,7 @@ pub fn train(
     // Clipped weights are clamped to their starting clips after every step (projected SGD), so
     // the min/max grid of the trained weights is the clipped one.
     let mut clips = Vec::new();
-    if cfg.weight_clip == WeightClip::Mse {
+    if cfg.weight_clip.clips() {
         for l in &plan.layers {
             let name = weight_names.get(&l.weight).map_or(&l.weight, |w| &w.var);
             let var = student
@@ -301,7 +304,10 @@ pub fn train(
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.clone())
                 .with_context(|| format!("layer {}: weight {name} is not trainable", l.node))?;
-            let c = clamp_var(&var, l, None)?;
+            let input = clip_inputs
+                .and_then(|m| m.get(&l.input))
+                .map(|m| m.as_input());
+            let c = clamp_var(&var, l, None, input)?;
             clips.push((var, l.clone(), c));
         }
     }

@@ -17,7 +17,7 @@ use crate::generator::params::{load_tensors, save_tensors};
 use crate::lower::Program;
 use crate::quant::fake::{LearnedRange, fake_quant_activation, fake_quant_learned};
 use crate::quant::placement::{Plan, Role, point_params};
-use crate::quant::{QParams, Scales, clip_weight};
+use crate::quant::{InputMoments, QParams, Scales, clip_weight};
 use crate::train::engine::{self, Step, finite};
 use crate::train::generated::{load_pair, samples_when_due, save_pair};
 use crate::train::losses::{feature_loss, reconstruction};
@@ -265,7 +265,7 @@ impl Step for Run<'_> {
             let grads = loss_s.backward()?;
             self.student_opt.step(&grads)?;
             for (var, l, c) in &self.clips {
-                clamp_var(var, l, Some(c))?;
+                clamp_var(var, l, Some(c), None)?;
             }
             if let Some(opt) = &mut self.range_opt {
                 opt.lr = cfg.range_lr * lr / cfg.student_lr;
@@ -363,10 +363,11 @@ pub(super) fn clamp_var(
     var: &candle_core::Var,
     l: &crate::quant::placement::Layer,
     clips: Option<&[f32]>,
+    input: Option<InputMoments>,
 ) -> Result<Vec<f32>> {
     let dims = var.dims().to_vec();
     let mut v: Vec<f32> = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-    let c = clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, clips);
+    let c = clip_weight(&mut v, &dims, l.weight_axis, l.weight_bits, clips, input);
     var.set(&Tensor::from_vec(v, dims, var.device())?.to_dtype(var.dtype())?)?;
     Ok(c)
 }
