@@ -88,10 +88,13 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> candle_core::Result<Tensor> {
     if enabled(x.device()) {
         return x.contiguous()?.apply_op1(Leaky(slope));
     }
+    // As a product with a constant mask: candle's own relu, maximum and minimum pass the
+    // gradient at exactly 0, which sums of ReLU outputs (residual blocks) hit often.
+    let pos = x.gt(0.0)?.to_dtype(x.dtype())?;
     if slope == 0.0 {
-        return x.relu();
+        return x * pos;
     }
-    x.relu()? + (x.minimum(0.0)? * slope)?
+    x * ((pos * (1.0 - slope))? + slope)?
 }
 
 /// ReLU.

@@ -11,6 +11,7 @@ mod autorecon;
 mod cli_errors;
 mod compress;
 mod cpsc;
+mod cuda;
 mod family_teachers;
 mod gdfq;
 mod inspect_fixtures;
