@@ -56,7 +56,14 @@ impl DeviceArg {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))
+    // candle's driver errors carry a backtrace after their first line.
+    Device::new_cuda(n).map_err(|e| {
+        let e = e.to_string();
+        anyhow::anyhow!(
+            "--device cuda:{n}: {}",
+            e.lines().next().unwrap_or_default()
+        )
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

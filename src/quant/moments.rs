@@ -325,8 +325,8 @@ pub fn propagate(
 }
 
 /// Correlation of two values of one image channel within a 3 x 3 window, averaged over the
-/// window's pairs: 0.92 for neighbours, 0.87 diagonally, 0.83 two apart (measured on natural
-/// photographs; docs/results.md, "Weight clipping by output error").
+/// window's pairs: 0.92-0.93 for neighbours, 0.86 diagonally, 0.82-0.85 two apart (measured on
+/// photographs, the CIFAR-10 test images; docs/results.md, "Weight clipping by output error").
 pub const IMAGE_WINDOW_CORRELATION: f64 = 0.85;
 
 /// What a weight clip knows of a layer's input.
