@@ -232,6 +232,22 @@ fn train(
 fn teacher_weights(teacher: &Teacher, plan: &Plan) -> Option<HashMap<String, StudentWeight>> {
     let graph = teacher.model.graph();
     let g = crate::onnx::graph::GraphIndex::new(graph);
+    // The initializer behind a tensor, through Identity nodes (some exporters route a BN's
+    // parameters through them: cifar100_resnet20's shortcut BNs).
+    let source = |t: &String| -> Option<String> {
+        let mut at = t.clone();
+        for _ in 0..4 {
+            if g.is_initializer(&at) {
+                return Some(at);
+            }
+            let n = g.node(g.producer(&at)?);
+            if n.op_type != "Identity" {
+                return None;
+            }
+            at = n.input.first()?.clone();
+        }
+        None
+    };
     plan.layers
         .iter()
         .map(|l| {
@@ -252,12 +268,8 @@ fn teacher_weights(teacher: &Teacher, plan: &Plan) -> Option<HashMap<String, Stu
                 .iter()
                 .enumerate()
                 .find(|(i, n)| crate::onnx::graph::display_name(n, *i) == node)?;
-            let var = conv.input.get(1)?.clone();
-            let bias = conv
-                .input
-                .get(2)
-                .filter(|b| !b.is_empty() && g.is_initializer(b))
-                .cloned();
+            let var = source(conv.input.get(1)?)?;
+            let bias = conv.input.get(2).filter(|b| !b.is_empty()).and_then(source);
             // The BN fold_bn folded: the one reading the conv's output.
             let bn = g.consumers(conv.output.first()?).iter().find_map(|&b| {
                 let n = g.node(b);
@@ -267,22 +279,20 @@ fn teacher_weights(teacher: &Teacher, plan: &Plan) -> Option<HashMap<String, Stu
             let layer = teacher.bn().layers.iter().find(|x| x.node_index == bn)?;
             let stats = layer.stats.as_ref()?;
             let fold = FoldSource {
-                gamma: bn_node.input.get(1)?.clone(),
-                beta: bn_node.input.get(2)?.clone(),
+                gamma: source(bn_node.input.get(1)?)?,
+                beta: source(bn_node.input.get(2)?)?,
                 mean: stats.running_mean.clone(),
                 var: stats.running_var.clone(),
                 eps: layer.epsilon,
             };
-            g.is_initializer(&var).then(|| {
-                (
-                    l.weight.clone(),
-                    StudentWeight {
-                        var,
-                        fold: Some(fold),
-                        bias,
-                    },
-                )
-            })
+            Some((
+                l.weight.clone(),
+                StudentWeight {
+                    var,
+                    fold: Some(fold),
+                    bias,
+                },
+            ))
         })
         .collect()
 }

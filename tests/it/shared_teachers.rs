@@ -81,3 +81,37 @@ fn folded_teachers_have_no_statistics() {
         );
     }
 }
+
+/// GDFQ trains the teacher's own parametrization (conv weights, BN scale and shift): the shortcut
+/// BNs whose shift comes through an Identity node train their initializer (a regression: GDFQ
+/// refused this teacher, "... bias is not a trainable parameter of the student").
+#[test]
+fn gdfq_trains_cifar100_resnet20_whose_bn_shifts_pass_through_identity() {
+    let Some(t) = crate::common::shared_teacher("cifar100_resnet20.onnx") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gdfq");
+    let run = crate::common::datafree(&[
+        "compress",
+        t.to_str().unwrap(),
+        "--method",
+        "gdfq",
+        "--bits",
+        "w4a4",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--iters-per-epoch",
+        "1",
+        "--batch",
+        "4",
+        "--verify-images",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    crate::common::assert_success(&run);
+    assert!(out.join("student.onnx").exists());
+}
