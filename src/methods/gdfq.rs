@@ -232,22 +232,8 @@ fn train(
 fn teacher_weights(teacher: &Teacher, plan: &Plan) -> Option<HashMap<String, StudentWeight>> {
     let graph = teacher.model.graph();
     let g = crate::onnx::graph::GraphIndex::new(graph);
-    // The initializer behind a tensor, through Identity nodes (some exporters route a BN's
-    // parameters through them: cifar100_resnet20's shortcut BNs).
-    let source = |t: &String| -> Option<String> {
-        let mut at = t.clone();
-        for _ in 0..4 {
-            if g.is_initializer(&at) {
-                return Some(at);
-            }
-            let n = g.node(g.producer(&at)?);
-            if n.op_type != "Identity" {
-                return None;
-            }
-            at = n.input.first()?.clone();
-        }
-        None
-    };
+    // Through Identity nodes: cifar100_resnet20's shortcut BNs take their shift through one.
+    let source = |t: &String| g.initializer_behind(t).map(str::to_string);
     plan.layers
         .iter()
         .map(|l| {

@@ -90,6 +90,24 @@ impl<'a> GraphIndex<'a> {
         self.consumers.get(name).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// The initializer `name` is, or that a chain of `Identity` nodes passes on to it (some
+    /// exporters route parameters through them); None for any other tensor.
+    pub fn initializer_behind(&self, name: &str) -> Option<&'a str> {
+        let mut current = name;
+        // Bounded walk: a malformed graph could contain an Identity cycle.
+        for _ in 0..=self.graph.node.len() {
+            if let Some(t) = self.initializer(current) {
+                return Some(t.name.as_str());
+            }
+            let n = self.node(self.producer(current)?);
+            if !(n.op_type == "Identity" && is_default_domain(n)) {
+                return None;
+            }
+            current = n.input.first()?;
+        }
+        None
+    }
+
     /// Resolves `name` to a constant value: an initializer (a graph input of the same name may
     /// override it at run time, but exporters use this for parameters), a `Constant` node, or a chain
     /// of `Identity` nodes ending in either. Ok(None) when the tensor is not constant.

@@ -150,7 +150,9 @@ pub fn compress(
         device: &cfg.device,
     };
     let m = methods::run(cfg.method, &ctx, log)?;
-    let clip_inputs = ctx.clip_inputs();
+    // A trained student was clipped while it trained; a PTQ one is clipped below.
+    let clip_ptq = weight_clip.clips() && !cfg.method.trains();
+    let clip_inputs = if clip_ptq { ctx.clip_inputs() } else { None };
     let calibration_seconds = tc.elapsed().as_secs_f64();
     let params: PointParams = plan
         .points
@@ -167,8 +169,7 @@ pub fn compress(
         Some(t) => teacher.derived(t),
         None => float,
     };
-    // A trained student was clipped while it trained; a PTQ one is clipped here.
-    if weight_clip.clips() && !cfg.method.trains() {
+    if clip_ptq {
         student_float = teacher.derived(export::clip_weights(
             &student_float,
             &plan,
