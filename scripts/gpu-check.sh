@@ -6,7 +6,7 @@
 #      loss curves side by side, the two students compared by `datafree verify`;
 #   3. times GDFQ iterations (warm-up = generator step, then generator + student step) on CUDA
 #      at batch 64 and 200, an AutoReCon search + fine-tuning and a CPSC run, and PyTorch's same
-#      GDFQ iteration on the same GPU (scripts/gpu_iteration.py).
+#      GDFQ iteration on the same GPU (scripts/gdfq_iteration.py).
 # Sized for about 6 minutes on an H200; every step has its own time limit, and what it wrote is
 # under $OUT (or ./gpu-out). Exit status: 1 when a parity test failed.
 set -uo pipefail
@@ -108,7 +108,7 @@ done
 
 step "PyTorch: the same GDFQ iteration on the same GPU"
 for b in 64 200; do
-  timeout 120 python3 scripts/gpu_iteration.py --device cuda --batch "$b" | tee "$out/pytorch-b$b.json"
+  timeout 120 python3 scripts/gdfq_iteration.py --device cuda --batch "$b" | tee "$out/pytorch-b$b.json"
 done
 
 step "summary"

@@ -268,7 +268,17 @@ fn preprocess(a: &PreprocessArgs, model: &onnx::LoadedModel) -> anyhow::Result<P
 
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    main_with(std::env::args_os())
+}
+
+/// Runs the CLI on `args` (the program name first), as `main` does on the process's own: for
+/// tools that drive the CLI inside their own process (examples/iteration_bench.rs).
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -3,7 +3,7 @@
 //! computes only what tracks.
 
 use super::depthwise::{depthwise_forward, depthwise_input_grad, depthwise_weight_grad};
-use super::gemm::{Mat, matmul};
+use super::gemm::{Mat, matmul, matmul_col_major};
 use super::{Elem, dispatch, enabled, err, view};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -151,6 +151,10 @@ fn im2col<T: Elem>(xn: &[T], g: &Geom, s: &Conv2dSpec, taps: &[Tap], gi: usize, 
             let ((ylo, yhi), (xlo, xhi)) = (tap.ys, tap.xs);
             row[..ylo * g.ow].fill(T::ZERO);
             row[yhi * g.ow..].fill(T::ZERO);
+            if sw == 1 && sh == 1 && g.w == g.ow {
+                contiguous_tap(plane, row, g, tap);
+                continue;
+            }
             for oy in ylo..yhi {
                 let iy = ((oy * sh) as isize + tap.offy) as usize;
                 let src = &plane[iy * g.w..][..g.w];
@@ -165,6 +169,36 @@ fn im2col<T: Elem>(xn: &[T], g: &Geom, s: &Conv2dSpec, taps: &[Tap], gi: usize, 
                         *d = src[((ox * sw) as isize + tap.offx) as usize];
                     }
                 }
+            }
+        }
+    }
+}
+
+/// One tap's im2col row at stride 1 when input and output rows have the same width ("same"
+/// padding): output position d reads input position d + offy * w + offx, so the valid rows are
+/// one shifted copy, and only the columns that fall off the left or right edge are zeroed after.
+/// A copy and two fills per image row cost more than the data moved on 8-32-wide rows.
+fn contiguous_tap<T: Elem>(plane: &[T], row: &mut [T], g: &Geom, tap: &Tap) {
+    let ((ylo, yhi), (xlo, xhi)) = (tap.ys, tap.xs);
+    if ylo >= yhi {
+        return;
+    }
+    let delta = tap.offy * g.w as isize + tap.offx;
+    let d0 = ((ylo * g.ow) as isize).max(-delta);
+    let d1 = ((yhi * g.ow) as isize).min(g.hw as isize - delta);
+    if d1 > d0 {
+        let (d0, d1) = (d0 as usize, d1 as usize);
+        let s0 = (d0 as isize + delta) as usize;
+        row[d0..d1].copy_from_slice(&plane[s0..s0 + (d1 - d0)]);
+    }
+    // Every position of the valid rows outside d0..d1 is in an edge column: zeroed here.
+    if xlo > 0 || xhi < g.ow {
+        for r in row[ylo * g.ow..yhi * g.ow].chunks_exact_mut(g.ow) {
+            for v in &mut r[..xlo] {
+                *v = T::ZERO;
+            }
+            for v in &mut r[xhi..] {
+                *v = T::ZERO;
             }
         }
     }
@@ -334,16 +368,26 @@ fn weight_grad<T: Elem>(x: &[T], gy: &[T], s: &Conv2dSpec, g: &Geom) -> Vec<T> {
                             im2col(xn, g, s, &taps, gi, col);
                             col
                         };
+                        // Each group's block column-major (k x og): see matmul_col_major.
                         let dst = &mut acc[gi * g.og * g.k..][..g.og * g.k];
                         let gg = Mat::rows(&gyn[gi * g.og * g.p..][..g.og * g.p], g.p);
-                        matmul(g.og, g.k, g.p, dst, i > 0, gg, Mat::t(b, g.p));
+                        matmul_col_major(g.og, g.k, g.p, dst, i > 0, gg, Mat::t(b, g.p));
                     }
                 }
                 acc
             },
         )
         .collect();
-    sum_in_order(partials, g.o * g.k)
+    let total = sum_in_order(partials, g.o * g.k);
+    let mut gw = vec![T::ZERO; g.o * g.k];
+    for (block, out) in total.chunks(g.og * g.k).zip(gw.chunks_mut(g.og * g.k)) {
+        for (kk, row) in block.chunks(g.og).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                out[o * g.k + kk] = v;
+            }
+        }
+    }
+    gw
 }
 
 fn sum_in_order<T: Elem>(partials: Vec<Vec<T>>, len: usize) -> Vec<T> {

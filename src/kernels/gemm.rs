@@ -42,6 +42,38 @@ pub fn matmul<T: Elem>(
     a: Mat<T>,
     b: Mat<T>,
 ) {
+    product(m, n, k, dst, (n, 1), accumulate, a, b);
+}
+
+/// `matmul` with `dst` stored column-major (element (r, c) at `dst[c * m + r]`). The `gemm`
+/// crate computes column-major destinations; a row-major one makes it transpose the product,
+/// and where `b` is itself a transposed row-major matrix (the weight gradient's im2col columns)
+/// it then packs `b` with a strided scalar gather: 3-10x slower on the weight-gradient shapes
+/// of a CIFAR ResNet (examples/kernels_bench.rs).
+pub fn matmul_col_major<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+) {
+    product(m, n, k, dst, (1, m), accumulate, a, b);
+}
+
+/// `dst` (element (r, c) at `r * drs + c * dcs`, filling `m * n` entries) = `a * b`.
+#[allow(clippy::too_many_arguments)]
+fn product<T: Elem>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    (drs, dcs): (usize, usize),
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+) {
     assert!(
         dst.len() >= m * n && a.fits(m, k) && b.fits(k, n),
         "gemm operand out of bounds"
@@ -55,16 +87,17 @@ pub fn matmul<T: Elem>(
         }
         return;
     }
-    // SAFETY: the extents of all three operands were checked above; dst does not alias a or b
-    // (it is a unique borrow).
+    // SAFETY: the extents of all three operands were checked above (dst's strides are (n, 1)
+    // or (1, m), both spanning exactly m * n entries); dst does not alias a or b (it is a
+    // unique borrow).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dcs as isize,
+            drs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,

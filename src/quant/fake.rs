@@ -260,7 +260,7 @@ impl candle_core::CustomOp3 for Learned {
                 let (mut glo, mut ghi) = (0f64, 0f64);
                 for ((o, &x), &g) in out.iter_mut().zip(xs).zip(gs) {
                     let u = x / q.scale + q.zero_point as f32;
-                    let r = u.round_ties_even();
+                    let r = super::round_even(u);
                     if r > qmax {
                         ghi += g as f64;
                     } else if r < q.qmin as f32 {

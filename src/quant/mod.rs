@@ -119,6 +119,21 @@ pub(crate) fn odd_mantissa(s: f32) -> u64 {
     m >> m.trailing_zeros()
 }
 
+/// `v.round_ties_even()`, without the libm call it compiles to on x86-64 targets without SSE4.1
+/// (Rust's default): the fake-quantization ops round every activation of every training step.
+/// Below 2^22 in magnitude, adding and subtracting 1.5 * 2^23 rounds to the nearest integer,
+/// ties to even (the FPU's rounding mode); larger values, NaN and infinities take the exact call.
+/// The one difference: a negative value that rounds to zero gives +0.0.
+#[inline]
+pub fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if v.abs() < 4_194_304.0 {
+        (v + MAGIC) - MAGIC
+    } else {
+        v.round_ties_even()
+    }
+}
+
 /// The int32 bias code of `b` on the accumulator grid `scale` (= s_input * s_weight).
 pub fn quantize_bias(b: f32, scale: f32) -> i32 {
     (b as f64 / scale as f64)
@@ -215,7 +230,7 @@ impl QParams {
 
     /// ONNX QuantizeLinear on one value.
     pub fn quantize(&self, x: f32) -> i32 {
-        ((x / self.scale).round_ties_even() as i64 + self.zero_point as i64)
+        (round_even(x / self.scale) as i64 + self.zero_point as i64)
             .clamp(self.qmin as i64, self.qmax as i64) as i32
     }
 
@@ -237,6 +252,46 @@ impl QParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_even_is_round_ties_even() {
+        // Every float in [-2^23, 2^23] sampled densely around the integers, halves and the
+        // 2^22 switch, plus the special values.
+        let mut checked = 0;
+        let mut v = 0.0f32;
+        while v < 9.0e6 {
+            for x in [
+                v,
+                -v,
+                v.next_up(),
+                v.next_down(),
+                -v.next_up(),
+                -v.next_down(),
+            ] {
+                assert_eq!(round_even(x), x.round_ties_even(), "{x}");
+                assert_eq!(
+                    round_even(x + 0.5),
+                    (x + 0.5).round_ties_even(),
+                    "{x} + 0.5"
+                );
+                checked += 1;
+            }
+            v = if v < 64.0 {
+                v + 0.125
+            } else {
+                v * 1.0009 + 0.5
+            };
+        }
+        assert!(checked > 10_000);
+        assert_eq!(round_even(2.5), 2.0);
+        assert_eq!(round_even(3.5), 4.0);
+        assert_eq!(round_even(-2.5), -2.0);
+        assert_eq!(round_even(4_194_303.5), 4_194_304.0);
+        assert_eq!(round_even(4_194_304.5), 4_194_304.0);
+        assert!(round_even(f32::NAN).is_nan());
+        assert_eq!(round_even(f32::INFINITY), f32::INFINITY);
+        assert_eq!(round_even(f32::NEG_INFINITY), f32::NEG_INFINITY);
+    }
 
     #[test]
     fn covering_grids_reach_both_ends_of_a_known_range() {

@@ -181,6 +181,23 @@ fn conv_cases() -> Vec<ConvCase> {
             w: [3, 4, 1, 1],
             spec: spec([2, 2], [0; 4], [1, 1], 1),
         },
+        // "same" width at stride 1 (one shifted copy per tap): pads all on one side
+        ConvCase {
+            x: [2, 3, 6, 5],
+            w: [4, 3, 3, 3],
+            spec: spec([1, 1], [0, 2, 2, 0], [1, 1], 1),
+        },
+        // same width, dilation 2; and a 7x7 kernel on a 3-wide input (taps entirely off)
+        ConvCase {
+            x: [2, 2, 8, 7],
+            w: [3, 2, 3, 3],
+            spec: spec([1, 1], [2; 4], [2, 2], 1),
+        },
+        ConvCase {
+            x: [2, 2, 4, 3],
+            w: [3, 2, 7, 7],
+            spec: spec([1, 1], [3; 4], [1, 1], 1),
+        },
     ]
 }
 
