@@ -179,7 +179,7 @@ fn cpu_model() -> String {
 }
 
 fn main() -> Result<()> {
-    datafree::kernels::tune_allocator();
+    datafree::kernels::tune_process();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--child-cli") {
         let code = datafree::cli::main_with(

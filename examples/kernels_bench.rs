@@ -182,7 +182,7 @@ fn torch_python() -> Option<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    kernels::tune_allocator();
+    kernels::tune_process();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let value = |name: &str| {

@@ -22,7 +22,7 @@ use datafree::onnx::interface::{Interface, Layout, OutputKind};
 use datafree::train::classifier::{Recipe, train};
 
 fn main() -> Result<()> {
-    datafree::kernels::tune_allocator();
+    datafree::kernels::tune_process();
     let mut args = std::env::args().skip(1);
     let dir = match args.next() {
         Some(d) => std::path::PathBuf::from(d),

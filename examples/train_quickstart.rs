@@ -22,7 +22,7 @@ const MEAN: [f32; 3] = [0.5, 0.5, 0.5];
 const STD: [f32; 3] = [0.25, 0.25, 0.25];
 
 fn main() -> Result<()> {
-    datafree::kernels::tune_allocator();
+    datafree::kernels::tune_process();
     let recipe = Recipe {
         steps: 600,
         batch: 64,

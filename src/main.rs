@@ -1,4 +1,4 @@
 fn main() -> std::process::ExitCode {
-    datafree::kernels::tune_allocator();
+    datafree::kernels::tune_process();
     datafree::cli::main()
 }

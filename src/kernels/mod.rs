@@ -185,18 +185,29 @@ fn err(msg: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(msg.into())
 }
 
-/// Keeps freed tensor buffers in the heap instead of returning them to the kernel.
+/// Process-wide settings for training speed; call once at start-up, before any threads exist.
 ///
+/// The allocator keeps freed tensor buffers in the heap instead of returning them to the kernel:
 /// glibc serves every allocation above 128 KiB-32 MiB (its dynamic mmap threshold) with a fresh
 /// mmap, so each training step page-faults and zero-fills every activation and gradient buffer
-/// anew; measured here, that was 45% of a ResNet-20 forward+backward (354 ms -> 193 ms). Call
-/// once at start-up, before any threads exist.
-pub fn tune_allocator() {
+/// anew; measured here, that was 45% of a ResNet-20 forward+backward (354 ms -> 193 ms).
+///
+/// candle's elementwise ops run on a worker pool of their own, as large as rayon's (which runs
+/// our kernels): on a machine with as many threads as cores, every gradient accumulation of a
+/// backward pass then waits for a parked worker competing with rayon's spinning ones (8% of a
+/// GDFQ iteration in candle's barrier on 2 cores). Unless CANDLE_NUM_THREADS is set, candle's
+/// pool is left empty and those ops run on the calling thread (docs/results.md, "Training
+/// iteration benchmark").
+pub fn tune_process() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads allocate.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called at start-up, before any other thread reads the environment.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }
