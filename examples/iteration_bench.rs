@@ -24,6 +24,8 @@ use anyhow::{Context, Result, bail};
 use prost::Message;
 
 const CASES: [&str; 3] = ["gdfq", "autorecon", "cpsc"];
+/// No checkpoints or sample grids inside the timed iterations.
+const QUIET: &str = "--checkpoint-every 0 --grid-every 1000000";
 
 /// One measured row.
 struct Row {
@@ -96,8 +98,9 @@ fn run_cli(args: &[String], threads: usize) -> Result<Option<f64>> {
     Ok(peak)
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
+/// The words of `s` as arguments (flags and numbers only: paths go in as arguments of their own).
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
 }
 
 fn torch_python() -> Option<PathBuf> {
@@ -224,11 +227,15 @@ fn main() -> Result<()> {
     let python = (!flag("--no-pytorch")).then(torch_python).flatten();
     let t = teacher.display().to_string();
     let common = |out: &str, bits: &str| {
-        strings(&[
-            "compress", &t, "--bits", bits, "--seed", "0", "--force", "--out", out,
-        ])
+        let mut a = vec![
+            "compress".to_string(),
+            t.clone(),
+            "--out".into(),
+            out.into(),
+        ];
+        a.extend(words(&format!("--bits {bits} --seed 0 --force")));
+        a
     };
-    let (n, b) = (iters.to_string(), batch.to_string());
     let mut rows = Vec::new();
     for case in &cases {
         if !json {
@@ -239,24 +246,9 @@ fn main() -> Result<()> {
         match case.as_str() {
             "gdfq" => {
                 let mut a = common(&o, "w4a4");
-                a.extend(strings(&[
-                    "--method",
-                    "gdfq",
-                    "--preset",
-                    "quick",
-                    "--epochs",
-                    "2",
-                    "--warmup-epochs",
-                    "1",
-                    "--iters-per-epoch",
-                    &n,
-                    "--batch",
-                    &b,
-                    "--checkpoint-every",
-                    "0",
-                    "--grid-every",
-                    "1000000",
-                ]));
+                a.extend(words(&format!(
+                    "--method gdfq --preset quick --epochs 2 --warmup-epochs 1 --iters-per-epoch {iters} --batch {batch} {QUIET}"
+                )));
                 let peak = run_cli(&a, threads)?;
                 let lines = log_lines(&out.join("metrics.jsonl"))?;
                 // The last warm-up iteration also sets the activation grids: left out.
@@ -283,22 +275,11 @@ fn main() -> Result<()> {
             }
             "autorecon" => {
                 // The search logs every 10 iterations: 3 logged spans after the first.
-                let total = 40.to_string();
+                let total = 40;
                 let mut a = common(&o, "w4a4");
-                a.extend(strings(&[
-                    "--method",
-                    "autorecon",
-                    "--search-epochs",
-                    "1",
-                    "--search-iters-per-epoch",
-                    &total,
-                    "--search-batch",
-                    &b,
-                    "--search-checkpoint-every",
-                    "0",
-                    "--search-stop-after",
-                    &total,
-                ]));
+                a.extend(words(&format!(
+                    "--method autorecon --search-epochs 1 --search-iters-per-epoch {total} --search-batch {batch} --search-checkpoint-every 0 --search-stop-after {total}"
+                )));
                 let peak = run_cli(&a, threads)?;
                 let lines = log_lines(&out.join("search/alpha.jsonl"))?;
                 rows.push(Row {
@@ -312,42 +293,18 @@ fn main() -> Result<()> {
             "cpsc" => {
                 let student = dir.path().join("resnet8.onnx").display().to_string();
                 run_cli(
-                    &strings(&[
-                        "student",
-                        "--arch",
-                        "resnet8",
-                        "--classes",
-                        "10",
-                        "--input",
-                        "3x32x32",
-                        "--out",
-                        &student,
-                        "--seed",
-                        "0",
-                    ]),
+                    &[
+                        words("student --arch resnet8 --classes 10 --input 3x32x32 --seed 0 --out"),
+                        vec![student.clone()],
+                    ]
+                    .concat(),
                     threads,
                 )?;
                 let mut a = common(&o, "fp32");
-                a.extend(strings(&[
-                    "--method",
-                    "cpsc",
-                    "--student",
-                    &student,
-                    "--batch",
-                    &b,
-                    "--epochs",
-                    "2",
-                    "--warmup-epochs",
-                    "1",
-                    "--iters-per-epoch",
-                    &n,
-                    "--stop-after",
-                    &n,
-                    "--checkpoint-every",
-                    "0",
-                    "--grid-every",
-                    "1000000",
-                ]));
+                a.extend(words(&format!(
+                    "--method cpsc --batch {batch} --epochs 2 --warmup-epochs 1 --iters-per-epoch {iters} --stop-after {iters} {QUIET}"
+                )));
+                a.extend(["--student".to_string(), student]);
                 let peak = run_cli(&a, threads)?;
                 let lines = log_lines(&out.join("metrics.jsonl"))?;
                 rows.push(Row {
