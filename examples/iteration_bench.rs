@@ -13,6 +13,8 @@
 //! alpha.jsonl), the first two iterations of each phase left out. Every run is its own process,
 //! so the peak resident memory it reports is its alone.
 
+mod common;
+
 #[path = "../tests/it/fixtures.rs"]
 #[allow(dead_code)]
 mod fixtures;
@@ -34,16 +36,6 @@ struct Row {
     ours_peak_mb: Option<f64>,
     torch_ms: Option<f64>,
     torch_peak_mb: Option<f64>,
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
 }
 
 /// (iteration, cumulative seconds, the line) of a JSONL training log.
@@ -73,7 +65,7 @@ fn per_iter_ms(
         .filter(|w| keep(w[1].0, &w[1].2))
         .map(|w| (w[1].1 - w[0].1) * 1e3 / (w[1].0 - w[0].0) as f64)
         .collect();
-    median(v)
+    common::median(v)
 }
 
 /// Runs the datafree CLI with `args` in a child process (this executable with `--child-cli`),
@@ -101,14 +93,6 @@ fn run_cli(args: &[String], threads: usize) -> Result<Option<f64>> {
 /// The words of `s` as arguments (flags and numbers only: paths go in as arguments of their own).
 fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
-}
-
-fn torch_python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DATAFREE_TORCH_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-bench/bin/python");
-    p.exists().then_some(p)
 }
 
 /// PyTorch's GDFQ warm-up and student iterations: (warm-up ms, student ms, peak MB).
@@ -224,7 +208,7 @@ fn main() -> Result<()> {
             p
         }
     };
-    let python = (!flag("--no-pytorch")).then(torch_python).flatten();
+    let python = (!flag("--no-pytorch")).then(common::torch_python).flatten();
     let t = teacher.display().to_string();
     let common = |out: &str, bits: &str| {
         let mut a = vec![

@@ -11,11 +11,13 @@
 //! Every (case, implementation) runs in its own process, so the peak resident memory it reports
 //! is that case's alone.
 
+mod common;
+
 #[path = "../tests/it/fixtures.rs"]
 #[allow(dead_code)]
 mod fixtures;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -114,23 +116,6 @@ fn build(case: &str) -> Result<Box<dyn Fn() -> Result<()>>> {
     bail!("unknown case {case}; cases: {}", CASES.join(", "))
 }
 
-fn peak_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Child process: times one case with one implementation, prints {"ms", "peak_mb"}.
 fn child(case: &str, imp: &str, reps: usize) -> Result<()> {
     kernels::set_builtin(imp == "candle");
@@ -146,7 +131,7 @@ fn child(case: &str, imp: &str, reps: usize) -> Result<()> {
     }
     println!(
         "{}",
-        serde_json::json!({"ms": median(times), "peak_mb": peak_mb()})
+        serde_json::json!({"ms": common::median(times), "peak_mb": datafree::io::peak_rss_mb()})
     );
     Ok(())
 }
@@ -173,14 +158,6 @@ fn parse_measure(out: std::process::Output, what: &str) -> Result<Measure> {
     })
 }
 
-fn torch_python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DATAFREE_TORCH_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-bench/bin/python");
-    p.exists().then_some(p)
-}
-
 fn main() -> Result<()> {
     kernels::tune_process();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -201,7 +178,7 @@ fn main() -> Result<()> {
     };
     let json = flag("--json");
     let exe = std::env::current_exe()?;
-    let python = (!flag("--no-pytorch")).then(torch_python).flatten();
+    let python = (!flag("--no-pytorch")).then(common::torch_python).flatten();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kernels_bench.py");
     let mut rows = Vec::new();
     for case in &cases {
