@@ -216,9 +216,25 @@ pub fn run(
     let r = crate::pipeline::distil::distil(teacher, start, out, &cfg, data, &mut log)?;
     let path = out.join("report.json");
     crate::io::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
+    // The distilled student's own check, then the quantized one's.
+    let failed = r
+        .self_check
+        .as_ref()
+        .map(|why| (&r.student, why))
+        .or_else(|| {
+            let q = r.quantized.as_ref()?;
+            q.self_check.as_ref().map(|why| (&q.student, why))
+        });
+    let code = |failed: Option<(&String, &String)>| match failed {
+        Some((student, why)) => {
+            eprintln!("error: {student}: {why}");
+            ExitCode::from(1)
+        }
+        None => ExitCode::SUCCESS,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code(failed));
     }
     let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
     let mm = |m: Option<u64>| m.map_or("-".into(), |m| format!("{:.2} M", m as f64 / 1e6));
@@ -254,5 +270,5 @@ pub fn run(
         print!("quantized:\n{}", crate::report::render_compress(q));
     }
     println!("report: {}", path.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(code(failed))
 }

@@ -68,6 +68,9 @@ pub struct DistilReport {
     pub final_losses: Option<Metrics>,
     pub verification_synthetic: Comparison,
     pub verification_data: Option<Comparison>,
+    /// Why the distilled student cannot be right ([`super::report::distil_check`]); None when
+    /// it passed.
+    pub self_check: Option<String>,
     /// The quantized student's report (DIR/quantized/report.json), with `--bits wNaM`.
     pub quantized: Option<Report>,
     pub wall_seconds: f64,
@@ -212,6 +215,18 @@ pub fn distil(
     let verification_data = data
         .map(|d| compare::compare(&student, teacher, &Inputs::Data(d), 100, false))
         .transpose()?;
+    let self_check = super::report::distil_check(
+        &[
+            Some(("synthesized", &verification_synthetic)),
+            verification_data.as_ref().map(|v| ("data", v)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>(),
+    );
+    if let Some(why) = &self_check {
+        log(&format!("CHECK FAILED: {why}"));
+    }
     let student_info = crate::teacher::inspect::inspect(&student);
     let quantized = match &cfg.quantize {
         Some(q) => {
@@ -261,6 +276,7 @@ pub fn distil(
         final_losses: outcome.history.last().cloned(),
         verification_synthetic,
         verification_data,
+        self_check,
         quantized,
         wall_seconds: t0.elapsed().as_secs_f64(),
     })

@@ -85,6 +85,11 @@ pub struct Comparison {
     /// Mean over images of |centered student logits - centered reference logits| /
     /// |centered reference logits| (0: the same predictions with the same margins).
     pub logit_error: f64,
+    /// Share of the images in the reference's most frequent class: the agreement a student
+    /// that ignores its input (one class for every image) reaches at best.
+    pub reference_majority: f64,
+    /// Share of the images in the student's most frequent class (1: one class for all).
+    pub student_majority: f64,
     /// On synthesized inputs: the agreement where the reference is confident.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confident: Option<Confident>,
@@ -140,6 +145,7 @@ pub fn compare(
     let confident_at = confident(classes);
     let (mut sa, mut ra) = (Accuracy::new(classes), Accuracy::new(classes));
     let (mut agree, mut sim_agree, mut sim_diff) = (0usize, 0usize, 0.0f64);
+    let (mut s_count, mut r_count) = (vec![0usize; classes], vec![0usize; classes]);
     let mut sim_err: Option<String> = sim.as_ref().err().cloned();
     let pb = progress(n, "verify");
     let batch = batch.max(1);
@@ -170,7 +176,10 @@ pub fn compare(
             .zip(rl.chunks_exact(classes))
             .enumerate()
         {
-            let same = argmax(a) == argmax(b);
+            let (sk, rk) = (argmax(a), argmax(b));
+            s_count[sk] += 1;
+            r_count[rk] += 1;
+            let same = sk == rk;
             agree += same as usize;
             err_sum += logit_error(a, b);
             if let Inputs::Synthesized(s) = inputs
@@ -239,6 +248,8 @@ pub fn compare(
         reference_top1: labelled.then(|| ra.top1()),
         top1_drop: labelled.then(|| ra.top1() - sa.top1()),
         logit_error: err_sum / n.max(1) as f64,
+        reference_majority: majority(&r_count),
+        student_majority: majority(&s_count),
         confident: matches!(inputs, Inputs::Synthesized(_)).then(|| Confident {
             threshold: confident_at,
             images: conf_n,
@@ -254,6 +265,12 @@ pub fn compare(
         fusion,
         speed,
     })
+}
+
+/// The largest class's share of `counts` (0 when empty).
+fn majority(counts: &[usize]) -> f64 {
+    let n: usize = counts.iter().sum();
+    counts.iter().copied().max().unwrap_or(0) as f64 / n.max(1) as f64
 }
 
 /// |centered a - centered b| / |centered b| for one image's logits (softmax ignores a shift).
