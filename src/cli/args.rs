@@ -260,13 +260,13 @@ impl CompressArgs {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "GDFQ (--method gdfq)")]
 pub struct GdfqArgs {
-    /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 35-50 min on 2 CPU
+    /// Budget and defaults: `quick` (12 x 100 iterations, batch 64: about 17 min on 2 CPU
     /// cores for a CIFAR ResNet-20; distillation only at student lr 1e-3, ranges from BN
     /// statistics then learned, weights MSE-clipped), `tiny` (6 x 50 at batch 32, lr 1e-4: a
     /// minute for the quick-start teacher) or `paper` (the reference: 400 x 200, batch 200,
     /// KD + CE at lr 1e-4, EMA ranges, frozen after warm-up). With --method cpsc: quick 16 x 25
     /// rounds at batch 64 (about an hour on 2 cores for a ResNet-32 teacher), tiny 2 x 4 at
-    /// batch 16, paper 600 x 50 at batch 256.
+    /// batch 16, paper 600 x 50 at batch 512.
     #[arg(long, value_enum, default_value_t = Preset::Quick)]
     pub preset: Preset,
     #[arg(long)]

@@ -60,6 +60,11 @@ pub struct CpscArgs {
     /// reference's CIFAR-10 / CIFAR-100 choice).
     #[arg(long, value_enum)]
     pub l2_form: Option<crate::train::cpsc::L2Form>,
+    /// What the CE with the sampled labels (generator and student) is taken on:
+    /// `probabilities` (the reference code's cross_entropy of softmax outputs) or `logits`
+    /// (the paper's formula, -log softmax(logits)_y).
+    #[arg(long, value_enum)]
+    pub ce_form: Option<crate::train::cpsc::CeForm>,
     /// gamma: weight of the teacher/student contrastive loss (0 = off).
     #[arg(long)]
     pub contrastive_weight: Option<f64>,
@@ -119,6 +124,7 @@ impl CompressArgs {
         set(&mut t.bn_weight, &g.bns_weight);
         set(&mut t.l2_weight, &c.l2_weight);
         set(&mut t.l2_form, &c.l2_form);
+        set(&mut t.ce_form, &c.ce_form);
         set(&mut t.contrastive_weight, &c.contrastive_weight);
         set(&mut t.ce_weight, &c.ce_weight);
         t.student_ce_weight = t.ce_weight;

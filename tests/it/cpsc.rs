@@ -409,3 +409,31 @@ fn a_student_that_ignores_its_input_fails_the_self_check_with_its_files_kept() {
     assert_eq!(r["verification_synthetic"]["student_majority"], 1.0);
     assert!(a.join("student.onnx").is_file() && a.join("report.json").is_file());
 }
+
+#[test]
+fn ce_form_switches_between_the_reference_codes_and_the_papers_cross_entropy() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path(), "resnet8", 10);
+    let lines = |form: &str| {
+        let d = dir.path().join(form);
+        assert_done(&cpsc(&s, &d, &["--bits", "fp32", "--ce-form", form]));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap();
+        assert_eq!(r["config"]["ce_form"], form);
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (p, l) = (lines("probabilities"), lines("logits"));
+    // Cross-entropy of 10-way softmax probabilities is bounded: between -ln(e / (e + 9)) = 1.46
+    // (the label's probability 1) and -ln(1 / (e + 9)) = 2.46 (another class's probability 1).
+    for line in &p {
+        for k in ["generator_ce", "student_ce"] {
+            let v = line[k].as_f64().unwrap();
+            assert!((1.46..=2.47).contains(&v), "{k} {v}");
+        }
+    }
+    assert_ne!(p[0]["generator_ce"], l[0]["generator_ce"]);
+}

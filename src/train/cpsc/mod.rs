@@ -27,7 +27,7 @@ use crate::lower::Program;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// The reference's settings at its batch (256) and length (600 epochs of 50 rounds): GPU
+    /// The paper's settings at its batch (512) and length (600 epochs of 50 rounds): GPU
     /// scale.
     Paper,
     /// About an hour on 2 CPU cores for a ResNet-32 teacher and a ResNetSmall-8 student (9.4 s
@@ -83,6 +83,18 @@ impl L2Form {
     }
 }
 
+/// What the CE with the sampled labels is taken on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CeForm {
+    /// The reference code's: PyTorch's `cross_entropy` applied to softmax probabilities (a
+    /// second softmax), bounded and with a vanishing gradient once the network is confident.
+    #[default]
+    Probabilities,
+    /// The paper's formula, `CE(softmax(logits), y)` = `-log softmax(logits)_y`.
+    Logits,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub preset: Preset,
@@ -106,6 +118,10 @@ pub struct Config {
     pub ce_weight: f64,
     /// eta on the student's side (the ablation switch); normally `ce_weight`.
     pub student_ce_weight: f64,
+    /// What both CE terms are taken on (absent in checkpoints of earlier versions: the
+    /// reference's form, which they ran).
+    #[serde(default)]
+    pub ce_form: CeForm,
     pub contrastive_temperature: f64,
     pub student_lr: f64,
     pub student_momentum: f64,
@@ -132,7 +148,7 @@ pub struct Config {
 impl Config {
     pub fn preset(p: Preset, seed: u64) -> Self {
         let (epochs, rounds, batch, g, s) = match p {
-            Preset::Paper => (600, 50, 256, 6, 5),
+            Preset::Paper => (600, 50, 512, 6, 5),
             Preset::Quick => (16, 25, 64, 6, 5),
             Preset::Tiny => (2, 4, 16, 2, 2),
         };
@@ -151,6 +167,7 @@ impl Config {
             contrastive_weight: 0.7,
             ce_weight: 0.7,
             student_ce_weight: 0.7,
+            ce_form: CeForm::default(),
             contrastive_temperature: 0.07,
             student_lr: 0.1,
             student_momentum: 0.9,

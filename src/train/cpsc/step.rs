@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Config, Io, L2Form, Metrics, Variant};
+use super::{CeForm, Config, Io, L2Form, Metrics, Variant};
 use crate::generator::Generator;
 use crate::generator::params::Params;
 use crate::lower::Program;
@@ -238,11 +238,17 @@ impl<'a> Run<'a> {
         Ok((((&kl) + (&l2 * self.cfg.l2_weight)?)?, kl, l2))
     }
 
-    /// The reference's CE with the sampled labels: on the softmax of the logits (it applies
-    /// PyTorch's cross_entropy to probabilities), so it saturates instead of growing.
-    fn label_ce(logits: &Tensor, y: &Tensor) -> Result<Tensor> {
-        let p = candle_nn::ops::softmax(logits, candle_core::D::Minus1)?;
-        Ok(candle_nn::loss::cross_entropy(&p, y)?)
+    /// CE with the sampled labels, in `--ce-form`: the reference's on the softmax of the logits
+    /// (it applies PyTorch's cross_entropy to probabilities, so it saturates instead of
+    /// growing), or the paper's on the logits.
+    fn label_ce(&self, logits: &Tensor, y: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.ce_form {
+            CeForm::Probabilities => {
+                let p = candle_nn::ops::softmax(logits, candle_core::D::Minus1)?;
+                candle_nn::loss::cross_entropy(&p, y)?
+            }
+            CeForm::Logits => candle_nn::loss::cross_entropy(logits, y)?,
+        })
     }
 
     /// One generator step: (loss, adversarial, BN prior, contrastive, CE).
@@ -274,7 +280,7 @@ impl<'a> Run<'a> {
         if cfg.variant != Variant::Dfad {
             let bn = bn_prior(&tf.bn_inputs, self.teacher.bn_taps())?;
             bn_v = value(&bn, "the BN prior", iter)?;
-            let ce = Self::label_ce(&tf.logits, &y)?;
+            let ce = self.label_ce(&tf.logits, &y)?;
             ce_v = value(&ce, "the generator's CE", iter)?;
             loss = ((loss + (bn * cfg.bn_weight)?)? + (ce * cfg.ce_weight)?)?;
         }
@@ -298,7 +304,7 @@ impl<'a> Run<'a> {
         let (mut loss, kd, l2) = self.discrepancy(&sf.logits, &t, false)?;
         let mut ce_v = 0.0;
         if self.cfg.variant != Variant::Dfad && self.cfg.student_ce_weight > 0.0 {
-            let ce = Self::label_ce(&sf.logits, &y)?;
+            let ce = self.label_ce(&sf.logits, &y)?;
             ce_v = value(&ce, "the student's CE", iter)?;
             loss = (loss + (ce * self.cfg.student_ce_weight)?)?;
         }
