@@ -130,7 +130,9 @@ fn a_student_that_does_not_fit_the_teacher_or_float_bits_without_cpsc_are_refuse
     assert_success(&out);
     let line = String::from_utf8_lossy(&out.stderr);
     assert!(
-        line.contains("--method cpsc") && line.contains("--l2-weight 5"),
+        line.contains("--method cpsc")
+            && line.contains("--l2-weight 5")
+            && line.contains("--ce-form logits"),
         "{line}"
     );
 }

@@ -84,15 +84,22 @@ impl L2Form {
 }
 
 /// What the CE with the sampled labels is taken on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CeForm {
     /// The reference code's: PyTorch's `cross_entropy` applied to softmax probabilities (a
     /// second softmax), bounded and with a vanishing gradient once the network is confident.
-    #[default]
     Probabilities,
-    /// The paper's formula, `CE(softmax(logits), y)` = `-log softmax(logits)_y`.
+    /// The paper's formula, `CE(softmax(logits), y)` = `-log softmax(logits)_y` (the default:
+    /// docs/results.md, "CPSC: the cross-entropy's form").
     Logits,
+}
+
+impl CeForm {
+    /// What checkpoints written before `ce_form` existed ran.
+    fn before_the_switch() -> Self {
+        CeForm::Probabilities
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,7 +127,7 @@ pub struct Config {
     pub student_ce_weight: f64,
     /// What both CE terms are taken on (absent in checkpoints of earlier versions: the
     /// reference's form, which they ran).
-    #[serde(default)]
+    #[serde(default = "CeForm::before_the_switch")]
     pub ce_form: CeForm,
     pub contrastive_temperature: f64,
     pub student_lr: f64,
@@ -167,7 +174,7 @@ impl Config {
             contrastive_weight: 0.7,
             ce_weight: 0.7,
             student_ce_weight: 0.7,
-            ce_form: CeForm::default(),
+            ce_form: CeForm::Logits,
             contrastive_temperature: 0.07,
             student_lr: 0.1,
             student_momentum: 0.9,
