@@ -225,22 +225,15 @@ pub fn run(
     // The distilled student's own check, then the quantized one's.
     let failed = r
         .self_check
-        .as_ref()
-        .map(|why| (&r.student, why))
+        .as_deref()
+        .map(|why| (r.student.as_str(), why))
         .or_else(|| {
             let q = r.quantized.as_ref()?;
-            q.self_check.as_ref().map(|why| (&q.student, why))
+            q.self_check.as_deref().map(|why| (q.student.as_str(), why))
         });
-    let code = |failed: Option<(&String, &String)>| match failed {
-        Some((student, why)) => {
-            eprintln!("error: {student}: {why}");
-            ExitCode::from(1)
-        }
-        None => ExitCode::SUCCESS,
-    };
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(code(failed));
+        return Ok(super::self_check_exit(failed));
     }
     let pct = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}"));
     let mm = |m: Option<u64>| m.map_or("-".into(), |m| format!("{:.2} M", m as f64 / 1e6));
@@ -276,5 +269,5 @@ pub fn run(
         print!("quantized:\n{}", crate::report::render_compress(q));
     }
     println!("report: {}", path.display());
-    Ok(code(failed))
+    Ok(super::self_check_exit(failed))
 }

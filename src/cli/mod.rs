@@ -289,6 +289,18 @@ where
     }
 }
 
+/// The exit code of a run whose student failed (student file, why) or passed its self-check;
+/// the reason goes to stderr as the run's last line.
+fn self_check_exit(failed: Option<(&str, &str)>) -> ExitCode {
+    match failed {
+        Some((student, why)) => {
+            eprintln!("error: {student}: {why}");
+            ExitCode::from(1)
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run {
@@ -488,13 +500,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", crate::report::render_compress(&r));
                 println!("report: {}", path.display());
             }
-            Ok(match &r.self_check {
-                None => ExitCode::SUCCESS,
-                Some(why) => {
-                    eprintln!("error: {}: {why}", r.student);
-                    ExitCode::from(1)
-                }
-            })
+            Ok(self_check_exit(
+                r.self_check.as_deref().map(|why| (r.student.as_str(), why)),
+            ))
         }
         Command::Search {
             teacher,
