@@ -76,9 +76,13 @@ pub struct DistilReport {
     pub wall_seconds: f64,
 }
 
-/// Opens the student and refuses one that cannot stand in for the teacher (before anything is
-/// written, so a refusal leaves no folder behind).
+/// Opens the student and refuses one that cannot stand in for the teacher, a teacher the
+/// variant cannot learn from, or settings that cannot run (before anything is written, so a
+/// refusal leaves no folder behind).
 pub fn open_student(teacher: &Teacher, cfg: &DistilConfig) -> Result<Teacher> {
+    cfg.train.validate()?;
+    cfg.train
+        .check_teacher(&teacher.name(), teacher.bn().bn_count)?;
     let file = crate::onnx::load_model(&cfg.student)?;
     let file = match cfg.student_init {
         StudentInit::Keep => file,
@@ -126,7 +130,6 @@ pub fn distil(
     log: &mut dyn FnMut(&str),
 ) -> Result<DistilReport> {
     let t0 = Instant::now();
-    cfg.train.validate()?;
     let tp = teacher.program(&cfg.device)?;
     let mut sp = crate::lower::lower_with(&start.model, &cfg.device, DType::F32, true)?;
     log(&format!(

@@ -101,6 +101,38 @@ fn a_student_that_does_not_fit_the_teacher_or_float_bits_without_cpsc_are_refuse
         "{err}"
     );
     assert!(!out_dir.exists(), "a refusal writes nothing");
+    // A teacher without BN statistics, and settings that cannot run: refused before the folder.
+    let s10 = student(dir.path(), "resnet8", 10);
+    let folded = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/onnx/quickstart.bn-folded.onnx"
+    );
+    for (teacher, extra, says) in [
+        (
+            folded,
+            "--preset=tiny",
+            "quickstart.bn-folded.onnx: cpsc needs the teacher's BatchNormalization",
+        ),
+        (QUICKSTART, "--batch=1", "--batch must be at least 2"),
+    ] {
+        let out = datafree(&[
+            "compress",
+            teacher,
+            "--method",
+            "cpsc",
+            "--student",
+            s10.to_str().unwrap(),
+            "--bits",
+            "fp32",
+            extra,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        assert!(!out_dir.exists(), "a refusal writes nothing: {err}");
+    }
     let out = datafree(&[
         "compress",
         QUICKSTART,

@@ -194,6 +194,17 @@ impl Config {
         self.epochs * self.rounds_per_epoch
     }
 
+    /// Refuses a teacher without BatchNormalization statistics unless the variant needs none
+    /// (DFAD).
+    pub fn check_teacher(&self, teacher_name: &str, bn_layers: usize) -> Result<()> {
+        ensure!(
+            self.variant == Variant::Dfad || bn_layers > 0,
+            "{teacher_name}: {} needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept, or use --variant dfad",
+            crate::cli_name(&self.variant)
+        );
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.epochs > 0 && self.rounds_per_epoch > 0,
@@ -356,11 +367,7 @@ pub fn train(
     io: &Io,
 ) -> Result<Outcome> {
     cfg.validate()?;
-    ensure!(
-        cfg.variant == Variant::Dfad || !teacher.bn_taps().is_empty(),
-        "{teacher_name}: {} needs the teacher's BatchNormalization statistics and this teacher has none (BN was folded at export); re-export it with BN kept, or use --variant dfad",
-        crate::cli_name(&cfg.variant)
-    );
+    cfg.check_teacher(teacher_name, teacher.bn_taps().len())?;
     let device: Device = teacher.device().clone();
     student.set_bn_batch_stats(true);
     let generator = GdfqGenerator::new(
