@@ -219,13 +219,9 @@ pub fn distil(
         .map(|d| compare::compare(&student, teacher, &Inputs::Data(d), 100, false))
         .transpose()?;
     let self_check = super::report::distil_check(
-        &[
-            Some(("synthesized", &verification_synthetic)),
-            verification_data.as_ref().map(|v| ("data", v)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>(),
+        verification_data
+            .as_ref()
+            .map_or(("synthesized", &verification_synthetic), |v| ("data", v)),
     );
     if let Some(why) = &self_check {
         log(&format!("CHECK FAILED: {why}"));

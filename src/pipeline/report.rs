@@ -219,18 +219,17 @@ pub fn self_check(
     })
 }
 
-/// Refuses a distilled student that ignores its input: on some set of verification inputs it
-/// agrees with the teacher no more often than predicting the teacher's most frequent class for
-/// every image would. A student of another architecture may be weak and still right; one no
-/// better than a constant is not a distillation. Inputs the teacher puts into a single class
-/// cannot tell the two apart and are skipped. `checks`: (what the inputs are, comparison).
-pub fn distil_check(checks: &[(&str, &Comparison)]) -> Option<String> {
-    checks
-        .iter()
-        .find(|(_, v)| {
-            v.images > 0 && v.reference_majority < 1.0 && v.agreement <= v.reference_majority
-        })
-        .map(|(what, v)| {
+/// Refuses a distilled student that ignores its input: it agrees with the teacher no more often
+/// than predicting the teacher's most frequent class for every image would. A student of
+/// another architecture may be weak and still right; one no better than a constant is not a
+/// distillation. `evidence` (what the inputs are, comparison) is the measuring data when there
+/// is some, else the synthesized images: a weak student can fall below the majority share on
+/// the synthesized images, which are not the distribution it was distilled on, while clearly
+/// above it on real data (measured: docs/results.md, "Distillation self-check"). Inputs the
+/// teacher puts into a single class cannot tell the two apart and pass.
+pub fn distil_check((what, v): (&str, &Comparison)) -> Option<String> {
+    (v.images > 0 && v.reference_majority < 1.0 && v.agreement <= v.reference_majority).then(
+        || {
             format!(
                 "the student agrees with the teacher on {:.1}% of {} {what} images, no more than predicting the teacher's most frequent class for every image ({:.1}%); it puts {:.1}% of them into one class: it collapsed (student.onnx is kept for inspection)",
                 100.0 * v.agreement,
@@ -238,7 +237,8 @@ pub fn distil_check(checks: &[(&str, &Comparison)]) -> Option<String> {
                 100.0 * v.reference_majority,
                 100.0 * v.student_majority
             )
-        })
+        },
+    )
 }
 
 #[cfg(test)]
@@ -266,16 +266,21 @@ mod tests {
     #[test]
     fn a_distilled_student_no_better_than_a_constant_is_refused() {
         let (weak, constant) = (comparison(0.22, 0.12), comparison(0.10, 0.12));
-        assert_eq!(distil_check(&[("synthesized", &weak)]), None);
-        let why = distil_check(&[("synthesized", &weak), ("data", &constant)]).expect("refused");
+        assert_eq!(distil_check(("data", &weak)), None);
+        let why = distil_check(("data", &constant)).expect("refused");
         assert!(
             why.contains("10.0% of 100 data images") && why.contains("12.0%"),
             "{why}"
         );
         // Equal to the majority share is what a constant student reaches: refused.
-        assert!(distil_check(&[("data", &comparison(0.12, 0.12))]).is_some());
+        assert!(distil_check(("data", &comparison(0.12, 0.12))).is_some());
         // A teacher that puts every input into one class cannot tell a constant student apart.
-        assert_eq!(distil_check(&[("data", &comparison(1.0, 1.0))]), None);
-        assert_eq!(distil_check(&[]), None);
+        assert_eq!(distil_check(("data", &comparison(1.0, 1.0))), None);
+        // No inputs, no verdict.
+        let none = Comparison {
+            images: 0,
+            ..comparison(0.0, 0.5)
+        };
+        assert_eq!(distil_check(("synthesized", &none)), None);
     }
 }

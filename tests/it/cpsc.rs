@@ -450,6 +450,23 @@ fn a_student_that_ignores_its_input_fails_the_self_check_with_its_files_kept() {
     assert!(r["self_check"].as_str().unwrap().contains("collapsed"));
     assert_eq!(r["verification_synthetic"]["student_majority"], 1.0);
     assert!(a.join("student.onnx").is_file() && a.join("report.json").is_file());
+    // With measuring data, the data decides.
+    let b = dir.path().join("b");
+    let out = cpsc(
+        &dead,
+        &b,
+        &[
+            "--bits",
+            "fp32",
+            "--student-lr",
+            "1e-30",
+            "--data",
+            "synthetic:shapes10:test:200",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("of 200 data images"), "{err}");
 }
 
 #[test]
