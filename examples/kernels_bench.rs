@@ -99,7 +99,7 @@ fn build(case: &str) -> Result<Box<dyn Fn() -> Result<()>>> {
         });
     }
     if case == "gdfq_generator_fwd_bwd" {
-        let g = GdfqGenerator::new(GdfqConfig::cifar(10, 3, 32), &dev, 0)?;
+        let g = GdfqGenerator::new(GdfqConfig::cifar(10, 3, (32, 32)), &dev, 0)?;
         let z = random(&mut r, &[BATCH, 100])?;
         let y: Vec<u32> = (0..BATCH).map(|_| r.random_range(0..10u32)).collect();
         let y = Tensor::from_vec(y, BATCH, &dev)?;

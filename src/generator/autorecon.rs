@@ -363,8 +363,8 @@ impl Generator for AutoReconGenerator {
     fn latent(&self) -> usize {
         self.cfg.latent
     }
-    fn image(&self) -> (usize, usize) {
-        (self.cfg.channels, self.cfg.size)
+    fn image(&self) -> (usize, usize, usize) {
+        (self.cfg.channels, self.cfg.size, self.cfg.size)
     }
     /// A derived generator's forward pass (candidate 0 on every edge).
     fn forward(&self, z: &Tensor, labels: &Tensor) -> Result<Tensor> {

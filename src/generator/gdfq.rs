@@ -1,7 +1,9 @@
 //! The GDFQ CIFAR generator (Xu et al. 2020, reference code github xushoukai/GDFQ): latent z
 //! times a label embedding -> Linear to width x s x s -> BN -> nearest up x2 -> conv3x3 -> BN ->
 //! LeakyReLU(0.2) -> up x2 -> conv3x3 -> BN -> LeakyReLU -> conv3x3 to the image channels ->
-//! tanh -> BN without affine. s = image size / 4.
+//! tanh -> BN without affine. The trunk works at a quarter of the image size, rounded up; an
+//! image whose height or width is not a multiple of 4 is the centre of the one it makes
+//! (cropped before the last BN, so that BN sees the teacher's image size).
 //!
 //! The ImageNet variant (`conditional_bn`) runs the same trunk on z alone and replaces every BN
 //! by class-conditional BN: BN without affine, then per-class gamma/beta rows (initialised to
@@ -22,7 +24,13 @@ pub struct GdfqConfig {
     pub latent: usize,
     pub classes: usize,
     pub channels: usize,
+    /// Image height (and width, unless `image_width` is set).
     pub size: usize,
+    /// Image width when it differs from the height (None: square, as every checkpoint written
+    /// before non-square teachers were supported).
+    #[serde(default)]
+    pub image_width: Option<usize>,
+    /// Channels of the trunk.
     pub width: usize,
     /// BN epsilons of the two inner BNs: 0.8 in the reference (a positional-argument slip,
     /// kept for fidelity).
@@ -39,12 +47,14 @@ fn default_eps() -> f64 {
 }
 
 impl GdfqConfig {
-    pub fn cifar(classes: usize, channels: usize, size: usize) -> Self {
+    /// `(height, width)`: the teacher's image size.
+    pub fn cifar(classes: usize, channels: usize, (height, width): (usize, usize)) -> Self {
         GdfqConfig {
             latent: 100,
             classes,
             channels,
-            size,
+            size: height,
+            image_width: (width != height).then_some(width),
             width: 128,
             inner_eps: 0.8,
             eps: default_eps(),
@@ -55,7 +65,7 @@ impl GdfqConfig {
     /// The CPSC-DFKD generator: latent 256, every BN with eps 1e-3; `cfe` = categorical feature
     /// embeddings (class-conditional BN everywhere), else plain BN after a label embedding (the
     /// paper's "BN" ablation).
-    pub fn cpsc(classes: usize, channels: usize, size: usize, cfe: bool) -> Self {
+    pub fn cpsc(classes: usize, channels: usize, size: (usize, usize), cfe: bool) -> Self {
         GdfqConfig {
             latent: 256,
             inner_eps: 1e-3,
@@ -66,11 +76,22 @@ impl GdfqConfig {
     }
 
     /// The reference ImageNet generator: class-conditional BN, no label embedding.
-    pub fn imagenet(classes: usize, channels: usize, size: usize) -> Self {
+    pub fn imagenet(classes: usize, channels: usize, size: (usize, usize)) -> Self {
         GdfqConfig {
             conditional_bn: true,
             ..Self::cifar(classes, channels, size)
         }
+    }
+
+    /// (height, width) of the images.
+    pub fn hw(&self) -> (usize, usize) {
+        (self.size, self.image_width.unwrap_or(self.size))
+    }
+
+    /// (height, width) of the trunk's first feature map: a quarter of the image, rounded up.
+    fn trunk(&self) -> (usize, usize) {
+        let (h, w) = self.hw();
+        (h.div_ceil(4), w.div_ceil(4))
     }
 }
 
@@ -92,14 +113,14 @@ pub struct GdfqGenerator {
 impl GdfqGenerator {
     /// A generator with PyTorch's default initialisation drawn from `seed`.
     pub fn new(cfg: GdfqConfig, device: &Device, seed: u64) -> Result<Self> {
+        let (h, iw) = cfg.hw();
         ensure!(
-            cfg.size.is_multiple_of(4) && cfg.size >= 4,
-            "the GDFQ generator needs an image size divisible by 4, got {}",
-            cfg.size
+            h > 0 && iw > 0,
+            "the GDFQ generator needs a positive image size, got {h}x{iw}"
         );
         let mut r = ChaCha8Rng::seed_from_u64(seed);
         let mut p = Params::new(device);
-        let (w, s) = (cfg.width, cfg.size / 4);
+        let (w, (sh, sw)) = (cfg.width, cfg.trunk());
         let fan = |n: usize| 1.0 / (n as f64).sqrt();
         let emb = if cfg.conditional_bn {
             None
@@ -109,11 +130,11 @@ impl GdfqGenerator {
         let l1 = (
             p.uniform(
                 "l1.weight",
-                &[w * s * s, cfg.latent],
+                &[w * sh * sw, cfg.latent],
                 fan(cfg.latent),
                 &mut r,
             )?,
-            p.uniform("l1.bias", &[w * s * s], fan(cfg.latent), &mut r)?,
+            p.uniform("l1.bias", &[w * sh * sw], fan(cfg.latent), &mut r)?,
         );
         // Conditional BN keeps one gamma/beta row per class.
         let rows = cfg.conditional_bn.then_some(cfg.classes);
@@ -158,10 +179,10 @@ impl GdfqGenerator {
         })
     }
 
-    /// Images (N x channels x size x size) for latents `z` (N x latent) and labels (N, u32).
+    /// Images (N x channels x height x width) for latents `z` (N x latent) and labels (N, u32).
     pub fn forward(&self, z: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let n = z.dim(0)?;
-        let (w, s) = (self.cfg.width, self.cfg.size / 4);
+        let (w, (sh, sw)) = (self.cfg.width, self.cfg.trunk());
         let same = Conv2dSpec::uniform(1, 1, 1, 1);
         let h = match &self.emb {
             Some(e) => (z * e.index_select(labels, 0)?)?,
@@ -179,7 +200,7 @@ impl GdfqGenerator {
         let h = h
             .matmul(&self.l1.0.t()?)?
             .broadcast_add(&self.l1.1)?
-            .reshape((n, w, s, s))?;
+            .reshape((n, w, sh, sw))?;
         let h = batch_norm(&h, Some((&bn0.0, &bn0.1)), self.cfg.eps)?;
         let h = upsample2d(&h, 2, UpMode::Nearest)?;
         let h = conv2d(&h, &self.conv1, same)?;
@@ -192,6 +213,10 @@ impl GdfqGenerator {
         let h = conv2d(&h, &self.conv3.0, same)?;
         let ones = Tensor::ones(self.cfg.channels, h.dtype(), h.device())?;
         let h = crate::kernels::channel_affine(&h, &ones, &self.conv3.1)?.tanh()?;
+        let (ih, iw) = self.cfg.hw();
+        let h = h
+            .narrow(2, (4 * sh - ih) / 2, ih)?
+            .narrow(3, (4 * sw - iw) / 2, iw)?;
         match &self.bn_out {
             Some(t) => {
                 let (g, b) = pick(t)?;
@@ -206,8 +231,9 @@ impl Generator for GdfqGenerator {
     fn latent(&self) -> usize {
         self.cfg.latent
     }
-    fn image(&self) -> (usize, usize) {
-        (self.cfg.channels, self.cfg.size)
+    fn image(&self) -> (usize, usize, usize) {
+        let (h, w) = self.cfg.hw();
+        (self.cfg.channels, h, w)
     }
     fn forward(&self, z: &Tensor, labels: &Tensor) -> Result<Tensor> {
         GdfqGenerator::forward(self, z, labels)
@@ -219,15 +245,16 @@ impl Generator for GdfqGenerator {
         &mut self.params
     }
     fn macs_per_image(&self) -> u64 {
-        let (w, s, c) = (
+        let (sh, sw) = self.cfg.trunk();
+        let (w, ss, c) = (
             self.cfg.width as u64,
-            (self.cfg.size / 4) as u64,
+            (sh * sw) as u64,
             self.cfg.channels as u64,
         );
-        // l1, conv1 at 2s, conv2 at 4s, conv3 at 4s.
-        self.cfg.latent as u64 * w * s * s
-            + w * w * 9 * 4 * s * s
-            + w / 2 * w * 9 * 16 * s * s
-            + c * w / 2 * 9 * 16 * s * s
+        // l1, conv1 at twice the trunk's size, conv2 and conv3 at four times.
+        self.cfg.latent as u64 * w * ss
+            + w * w * 9 * 4 * ss
+            + w / 2 * w * 9 * 16 * ss
+            + c * w / 2 * 9 * 16 * ss
     }
 }

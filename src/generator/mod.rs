@@ -79,9 +79,9 @@ pub fn to_domain(x: &Tensor, domain: &crate::teacher::InputDomain) -> Result<Ten
 /// What the training loops need of a generator.
 pub trait Generator {
     fn latent(&self) -> usize;
-    /// (channels, size) of the square images it makes.
-    fn image(&self) -> (usize, usize);
-    /// Images (N x channels x size x size) for latents `z` (N x latent) and labels (N, u32).
+    /// (channels, height, width) of the images it makes.
+    fn image(&self) -> (usize, usize, usize);
+    /// Images (N x channels x height x width) for latents `z` (N x latent) and labels (N, u32).
     fn forward(&self, z: &Tensor, labels: &Tensor) -> Result<Tensor>;
     fn params(&self) -> &Params;
     fn params_mut(&mut self) -> &mut Params;

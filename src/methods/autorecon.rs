@@ -106,7 +106,7 @@ pub fn search(
         &tp,
         &teacher.name(),
         teacher.classes,
-        teacher.image(),
+        (teacher.channels, teacher.height),
         &teacher.domain,
         cfg,
         io,

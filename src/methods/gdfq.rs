@@ -153,7 +153,7 @@ fn train(
         cfg.student_lr,
         sp.vars().len()
     ));
-    let (channels, size) = teacher.image();
+
     let eval_fn = |p: &crate::lower::Program| -> Result<f64> {
         super::program_top1(
             p,
@@ -190,7 +190,7 @@ fn train(
         &weight_names,
         (ctx.weight_scheme, ctx.scales),
         teacher.classes,
-        (channels, size),
+        teacher.image(),
         cfg.clone(),
         fixed,
         ctx.clip_inputs().as_ref(),

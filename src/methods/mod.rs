@@ -180,7 +180,7 @@ pub fn program_top1(
     images: usize,
 ) -> Result<f64> {
     let pre = teacher.preprocess();
-    let (channels, size) = teacher.image();
+    let (channels, height, width) = teacher.image();
     let n = d.len().min(images).max(1);
     // Evenly spaced images: folders list one class after another, so the first N would cover
     // only the first classes.
@@ -188,7 +188,8 @@ pub fn program_top1(
     let mut correct = 0usize;
     for chunk in picks.chunks(200) {
         let px: Vec<f32> = chunk.iter().flat_map(|&i| pre.batch(d, i..i + 1)).collect();
-        let x = candle_core::Tensor::from_vec(px, (chunk.len(), channels, size, size), p.device())?;
+        let x =
+            candle_core::Tensor::from_vec(px, (chunk.len(), channels, height, width), p.device())?;
         let pred: Vec<u32> = p.forward(&x)?.argmax(1)?.to_vec1()?;
         correct += pred
             .iter()

@@ -102,9 +102,9 @@ impl Teacher {
         self.bn().resolved_count > 0
     }
 
-    /// (channels, size) of the square images a generator makes for it.
-    pub fn image(&self) -> (usize, usize) {
-        (self.channels, self.height)
+    /// (channels, height, width) of the images a generator makes for it.
+    pub fn image(&self) -> (usize, usize, usize) {
+        (self.channels, self.height, self.width)
     }
 
     /// N x C x H x W of a batch of `n` inputs.

@@ -106,8 +106,7 @@ pub fn save_samples(
         )?,
         domain,
     )?;
-    let (c, h) = g.image();
-    let w = h;
+    let (c, h, w) = g.image();
     let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
     let images: Vec<Vec<u8>> = v
         .chunks(c * h * w)

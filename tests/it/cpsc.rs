@@ -496,3 +496,86 @@ fn ce_form_switches_between_the_reference_codes_and_the_papers_cross_entropy() {
     }
     assert_ne!(p[0]["generator_ce"], l[0]["generator_ce"]);
 }
+
+#[test]
+fn generators_make_the_teachers_own_image_size_when_it_is_not_square_or_a_multiple_of_4() {
+    // Global pooling lets these networks take any size, so images of the wrong size would run
+    // through them unnoticed; the sample grids show the size the generators made.
+    let dir = tempfile::tempdir().unwrap();
+    let net = |name: &str, seed: &str| {
+        let p = dir.path().join(name);
+        let path = p.to_str().unwrap();
+        let args = ["student", "--arch", "resnet8", "--classes", "4", "--input"];
+        assert_success(&datafree(
+            &[
+                &args[..],
+                &["3x30x45", "--seed", seed, "--out", path, "--json"],
+            ]
+            .concat(),
+        ));
+        p
+    };
+    let (teacher, s) = (net("teacher.onnx", "0"), net("student.onnx", "1"));
+    let (teacher, s) = (teacher.to_str().unwrap(), s.to_str().unwrap());
+    let grid = |d: &Path| {
+        let png = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_str().unwrap().contains("samples-"))
+            .expect("a sample grid");
+        image::image_dimensions(png).unwrap()
+    };
+    // 8 latents x 4 classes, each image framed by 1 px and drawn 3x.
+    let expected = (8 * (45 + 2) * 3, 4 * (30 + 2) * 3);
+    let g = dir.path().join("gdfq");
+    let budget = [
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "2",
+        "--warmup-epochs",
+        "1",
+    ];
+    let out = datafree(
+        &[
+            &["compress", teacher, "--method", "gdfq", "--bits", "w8a8"][..],
+            &[
+                "--preset",
+                "tiny",
+                "--verify-images",
+                "16",
+                "--json",
+                "--out",
+            ],
+            &[g.to_str().unwrap()],
+            &budget,
+        ]
+        .concat(),
+    );
+    assert_success(&out);
+    assert_eq!(grid(&g), expected);
+    let c = dir.path().join("cpsc");
+    let out = datafree(&[
+        "compress",
+        teacher,
+        "--method",
+        "cpsc",
+        "--student",
+        s,
+        "--bits",
+        "fp32",
+        "--preset",
+        "tiny",
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "2",
+        "--verify-images",
+        "16",
+        "--json",
+        "--out",
+        c.to_str().unwrap(),
+    ]);
+    assert_done(&out);
+    assert_eq!(grid(&c), expected);
+}

@@ -304,8 +304,34 @@ fn fake_activation_quantization_rounds_half_to_even_and_saturates() {
 }
 
 #[test]
+fn the_generator_makes_the_teachers_image_size_even_when_not_square_or_a_multiple_of_4() {
+    use datafree::generator::Generator;
+    let cfg = GdfqConfig::imagenet(10, 1, (30, 45));
+    let square_macs =
+        GdfqGenerator::new(GdfqConfig::imagenet(10, 1, (32, 32)), &Device::Cpu, 1).unwrap();
+    let g = GdfqGenerator::new(cfg.clone(), &Device::Cpu, 1).unwrap();
+    let z = Tensor::randn(0f32, 1.0, (6, 100), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec((0..6u32).collect(), 6, &Device::Cpu).unwrap();
+    let x = g.forward(&z, &y).unwrap();
+    assert_eq!(x.dims(), &[6, 1, 30, 45]);
+    assert_eq!(g.image(), (1, 30, 45));
+    // The last BN normalises the cropped image, not the 32x48 one it was cut from.
+    let (m, _) = datafree::kernels::channel_moments(&x).unwrap();
+    assert!(m.to_vec1::<f32>().unwrap()[0].abs() < 1e-4);
+    // The trunk works at 8x12 (a quarter, rounded up): 1.5 times the 8x8 of a 32x32 image.
+    let (a, b) = (g.macs_per_image(), square_macs.macs_per_image());
+    assert!(a > b && a < 2 * b, "{a} vs {b}");
+    // Checkpoints written before the image width existed describe square images.
+    let mut old = serde_json::to_value(GdfqConfig::cifar(10, 3, (32, 32))).unwrap();
+    old.as_object_mut().unwrap().remove("image_width");
+    let old: GdfqConfig = serde_json::from_value(old).unwrap();
+    assert_eq!(old.hw(), (32, 32));
+    assert_eq!(serde_json::to_value(&cfg).unwrap()["image_width"], 45);
+}
+
+#[test]
 fn the_generator_emits_normalised_images_and_is_seeded() {
-    let g = GdfqGenerator::new(GdfqConfig::cifar(10, 3, 32), &Device::Cpu, 1).unwrap();
+    let g = GdfqGenerator::new(GdfqConfig::cifar(10, 3, (32, 32)), &Device::Cpu, 1).unwrap();
     let z = Tensor::randn(0f32, 1.0, (16, 100), &Device::Cpu).unwrap();
     let y = Tensor::from_vec((0..16u32).map(|i| i % 10).collect(), 16, &Device::Cpu).unwrap();
     let x = g.forward(&z, &y).unwrap();
@@ -329,7 +355,7 @@ fn the_generator_emits_normalised_images_and_is_seeded() {
         .filter(|v| grads.get(v).is_none())
         .count();
     assert_eq!(missing, 0, "every generator parameter gets a gradient");
-    let again = GdfqGenerator::new(GdfqConfig::cifar(10, 3, 32), &Device::Cpu, 1).unwrap();
+    let again = GdfqGenerator::new(GdfqConfig::cifar(10, 3, (32, 32)), &Device::Cpu, 1).unwrap();
     assert_eq!(
         again
             .forward(&z, &y)
@@ -347,7 +373,7 @@ fn the_generator_flag_picks_the_generator() {
     use datafree::train::gdfq::{Config, GeneratorFamily, Preset, build_generator};
     let mut cfg = Config::preset(Preset::Quick, 0);
     let names = |cfg: &Config| -> Vec<String> {
-        build_generator(cfg, 10, (3, 32), &Device::Cpu)
+        build_generator(cfg, 10, (3, 32, 32), &Device::Cpu)
             .unwrap()
             .params()
             .named()
@@ -361,7 +387,7 @@ fn the_generator_flag_picks_the_generator() {
     assert!(!imagenet.contains(&"label_emb".to_string()));
     assert!(imagenet.contains(&"bn_out.weight".to_string()));
     cfg.generator = GeneratorFamily::Autorecon;
-    let err = build_generator(&cfg, 10, (3, 32), &Device::Cpu)
+    let err = build_generator(&cfg, 10, (3, 32, 32), &Device::Cpu)
         .err()
         .unwrap()
         .to_string();

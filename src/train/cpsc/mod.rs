@@ -362,7 +362,7 @@ pub fn train(
     student: &mut Program,
     student_model: &crate::onnx::LoadedModel,
     classes: usize,
-    (channels, size): (usize, usize),
+    (channels, height, width): (usize, usize, usize),
     cfg: Config,
     io: &Io,
 ) -> Result<Outcome> {
@@ -374,7 +374,7 @@ pub fn train(
         GdfqConfig::cpsc(
             classes,
             channels,
-            size,
+            (height, width),
             cfg.generator_norm == GeneratorNorm::Cfe,
         ),
         &device,

@@ -120,8 +120,8 @@ impl<'a> Run<'a> {
         // The adapter's sizes: one probe image through both networks.
         let mut head = Params::new(&device);
         let projection = if cfg.variant == Variant::Cpsc && cfg.contrastive_weight > 0.0 {
-            let (c, s) = generator.image();
-            let probe = Tensor::zeros((2, c, s, s), DType::F32, &device)?;
+            let (c, h, w) = generator.image();
+            let probe = Tensor::zeros((2, c, h, w), DType::F32, &device)?;
             let t = teacher.forward_taps(&probe)?.penultimate;
             let st = student.forward_taps(&probe)?.penultimate;
             match (t, st) {

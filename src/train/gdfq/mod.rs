@@ -117,17 +117,17 @@ pub struct Outcome {
 pub fn build_generator(
     cfg: &Config,
     classes: usize,
-    (channels, size): (usize, usize),
+    (channels, height, width): (usize, usize, usize),
     device: &Device,
 ) -> Result<Box<dyn Generator>> {
     Ok(match cfg.generator {
         GeneratorFamily::GdfqCifar => Box::new(GdfqGenerator::new(
-            GdfqConfig::cifar(classes, channels, size),
+            GdfqConfig::cifar(classes, channels, (height, width)),
             device,
             cfg.seed,
         )?),
         GeneratorFamily::GdfqImagenet => Box::new(GdfqGenerator::new(
-            GdfqConfig::imagenet(classes, channels, size),
+            GdfqConfig::imagenet(classes, channels, (height, width)),
             device,
             cfg.seed,
         )?),
@@ -135,9 +135,13 @@ pub fn build_generator(
             let g = cfg.genotype.as_ref().context(
                 "the autorecon generator needs a genotype (--genotype FILE, from `datafree search`)",
             )?;
+            ensure!(
+                height == width,
+                "the autorecon generator makes square images, the teacher takes {height}x{width}"
+            );
             Box::new(AutoReconGenerator::derived(
                 g,
-                (100, classes, channels, size),
+                (100, classes, channels, height),
                 device,
                 cfg.seed,
             )?)
@@ -207,7 +211,7 @@ pub fn train(
     weight_names: &HashMap<String, StudentWeight>,
     (scheme, scales): (WeightScheme, Scales),
     classes: usize,
-    (channels, size): (usize, usize),
+    image: (usize, usize, usize),
     cfg: Config,
     fixed_ranges: &HashMap<String, (f32, f32)>,
     clip_inputs: Option<&HashMap<String, LayerInput>>,
@@ -313,7 +317,7 @@ pub fn train(
     }
     let student_vars: Vec<candle_core::Var> =
         student.vars().iter().map(|(_, v)| v.clone()).collect();
-    let mut generator = build_generator(&cfg, classes, (channels, size), &device)?;
+    let mut generator = build_generator(&cfg, classes, image, &device)?;
     if let Some(init) = &cfg.generator_init {
         generator.params_mut().load(init)?;
     }
