@@ -57,7 +57,7 @@ pub struct CpscArgs {
     pub l2_weight: Option<f64>,
     /// Form of the L2 term: `log` (generator -log MSE, student log of the difference's L2
     /// norm: free of the logit scale), `mse`, or `auto` (log up to 10 classes, else mse: the
-    /// reference's CIFAR-10 / CIFAR-100 choice).
+    /// reference's CIFAR-10 / CIFAR-100 choice) [default: log; auto with --preset paper].
     #[arg(long, value_enum)]
     pub l2_form: Option<crate::train::cpsc::L2Form>,
     /// What the CE with the sampled labels (generator and student) is taken on:

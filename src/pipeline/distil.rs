@@ -218,11 +218,8 @@ pub fn distil(
     let verification_data = data
         .map(|d| compare::compare(&student, teacher, &Inputs::Data(d), 100, false))
         .transpose()?;
-    let self_check = super::report::distil_check(
-        verification_data
-            .as_ref()
-            .map_or(("synthesized", &verification_synthetic), |v| ("data", v)),
-    );
+    let self_check =
+        super::report::distil_check(&verification_synthetic, verification_data.as_ref());
     if let Some(why) = &self_check {
         log(&format!("CHECK FAILED: {why}"));
     }

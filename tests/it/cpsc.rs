@@ -164,7 +164,8 @@ fn a_student_that_does_not_fit_the_teacher_or_float_bits_without_cpsc_are_refuse
     assert!(
         line.contains("--method cpsc")
             && line.contains("--l2-weight 5")
-            && line.contains("--ce-form logits"),
+            && line.contains("--ce-form logits")
+            && line.contains("--l2-form auto"),
         "{line}"
     );
 }
@@ -479,6 +480,8 @@ fn ce_form_switches_between_the_reference_codes_and_the_papers_cross_entropy() {
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(d.join("report.json")).unwrap()).unwrap();
         assert_eq!(r["config"]["ce_form"], form);
+        // The scale-free L2 form unless --preset paper (the reference's per-dataset choice).
+        assert_eq!(r["config"]["l2_form"], "log");
         std::fs::read_to_string(d.join("metrics.jsonl"))
             .unwrap()
             .lines()
