@@ -8,7 +8,7 @@ pub mod ops;
 pub mod program;
 pub mod value;
 
-pub use program::{Forward, Program, lower, lower_with};
+pub use program::{Forward, Program, lower, lower_with, penultimate_of};
 
 /// ONNX ops (default domain) the lowering registry covers: CNN classifiers as PyTorch, tf2onnx/Keras
 /// and MXNet export them, plus the shape sub-graphs of dynamic-batch exports. A unit test keeps this

@@ -56,7 +56,8 @@ pub struct Forward {
     pub logits: Tensor,
     /// Inputs of the tapped BatchNormalization layers, in [`Program::bn_taps`] order.
     pub bn_inputs: Vec<Tensor>,
-    /// Input of the final classifier layer, when found.
+    /// Input of the final classifier layer (N x features; a spatial input averaged over its
+    /// positions), when found.
     pub penultimate: Option<Tensor>,
 }
 
@@ -309,20 +310,38 @@ fn topological_order(g: &GraphIndex) -> Result<Vec<usize>> {
 
 /// The input of the classifier layer: walk back from the output through head ops to the last
 /// Gemm/MatMul (or 1x1 Conv), and take its data input.
+/// The tensor [`Forward::penultimate`] taps in `model`: the input of its final classifier
+/// layer, if one is found.
+pub fn penultimate_of(model: &LoadedModel) -> Option<String> {
+    let graph = model.graph();
+    penultimate_tensor(&GraphIndex::new(graph), &graph.output.first()?.name)
+}
+
 fn penultimate_tensor(g: &GraphIndex, output: &str) -> Option<String> {
     let mut t = output.to_string();
     for _ in 0..8 {
         let n = g.node(g.producer(&t)?);
         match n.op_type.as_str() {
             "Gemm" | "MatMul" | "Conv" => return n.input.first().cloned(),
+            // Through the pooling (and ReLU) of an all-convolutional head, whose last conv
+            // classifies every position (NiN, SqueezeNet).
             "Softmax" | "LogSoftmax" | "Identity" | "Flatten" | "Reshape" | "Squeeze"
-            | "Dropout" | "Add" => {
+            | "Dropout" | "Add" | "GlobalAveragePool" | "ReduceMean" | "AveragePool" | "Relu" => {
                 t = n.input.first()?.clone();
             }
             _ => return None,
         }
     }
     None
+}
+
+/// Features per image: a spatial (N x C x H x W) tensor averaged over its positions, anything
+/// else flattened after the batch axis.
+fn pooled(t: &Tensor) -> Result<Tensor> {
+    Ok(match t.rank() {
+        4 => t.mean((2, 3))?,
+        _ => t.flatten_from(1)?,
+    })
 }
 
 impl Program {
@@ -479,7 +498,9 @@ impl Program {
                     .iter()
                     .map(|t| float(t.slot))
                     .collect::<Result<_>>()?,
-                self.penultimate.map(float).transpose()?,
+                self.penultimate
+                    .map(|s| float(s).and_then(|t| pooled(&t)))
+                    .transpose()?,
             )
         } else {
             (vec![], None)

@@ -112,6 +112,15 @@ pub fn open_student(teacher: &Teacher, cfg: &DistilConfig) -> Result<Teacher> {
         "student {}: give the student as NCHW logits (no input Transpose, no final Softmax)",
         s.name()
     );
+    if cfg.train.variant == cpsc::Variant::Cpsc && cfg.train.contrastive_weight > 0.0 {
+        for (role, m) in [("teacher", teacher), ("student", &s)] {
+            ensure!(
+                crate::lower::penultimate_of(&m.model).is_some(),
+                "{role} {}: the contrastive loss takes the features its final classifier layer (Gemm, MatMul or Conv) reads, and none was found walking back from the output; use --contrastive-weight 0",
+                m.name()
+            );
+        }
+    }
     ensure!(
         s.bn().bn_count > 0 || cfg.train.variant == cpsc::Variant::Dfad,
         "student {}: has no BatchNormalization layers; CPSC trains students with BN (use an architecture from `datafree student`)",

@@ -582,3 +582,134 @@ fn generators_make_the_teachers_own_image_size_when_it_is_not_square_or_a_multip
     assert_done(&out);
     assert_eq!(grid(&c), expected);
 }
+
+/// `student`'s GlobalAveragePool -> Flatten -> Gemm head rebuilt as an all-convolutional one
+/// (1x1 Conv classifying every position -> GlobalAveragePool -> Flatten), the same function;
+/// with `scale`, the logits then pass a Mul the penultimate search does not walk through.
+fn conv_head(student: &Path, out: &Path, scale: bool) {
+    use datafree::onnx::builder::{node_proto, tensor_f32, write_model};
+    let m = datafree::onnx::load_model(student).unwrap();
+    let mut proto = m.proto.clone();
+    let g = proto.graph.as_mut().unwrap();
+    let at = |op: &str| g.node.iter().position(|n| n.op_type == op).unwrap();
+    let (pool, gemm) = (at("GlobalAveragePool"), at("Gemm"));
+    let features = g.node[pool].input[0].clone();
+    let logits = g.node[gemm].output[0].clone();
+    let init = |name: &str| {
+        let t = g.initializer.iter().find(|t| t.name == name).unwrap();
+        datafree::onnx::tensor::decode(t, None).unwrap().to_f32()
+    };
+    let (w, b) = (init(&g.node[gemm].input[1]), init(&g.node[gemm].input[2]));
+    let (classes, c) = (b.len(), w.len() / b.len());
+    g.node.truncate(pool);
+    g.initializer
+        .push(tensor_f32("head.w", &[classes, c, 1, 1], &w));
+    g.initializer.push(tensor_f32("head.b", &[classes], &b));
+    let last = if scale { "unscaled" } else { logits.as_str() };
+    g.node.extend([
+        node_proto(
+            "Conv",
+            "head",
+            &[&features, "head.w", "head.b"],
+            &["head"],
+            vec![],
+        ),
+        node_proto(
+            "GlobalAveragePool",
+            "head_pool",
+            &["head"],
+            &["head_pool"],
+            vec![],
+        ),
+        node_proto("Flatten", "head_flat", &["head_pool"], &[last], vec![]),
+    ]);
+    if scale {
+        g.initializer.push(tensor_f32("two", &[], &[2.0]));
+        g.node.push(node_proto(
+            "Mul",
+            "scale",
+            &["unscaled", "two"],
+            &[&logits],
+            vec![],
+        ));
+    }
+    write_model(out, &proto).unwrap();
+}
+
+#[test]
+fn an_all_convolutional_head_gives_its_pooled_features_to_the_contrastive_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = student(dir.path(), "resnet8", 10);
+    let conv = dir.path().join("conv-head.onnx");
+    conv_head(&s, &conv, false);
+    // The same function, and the features the classifier reads averaged over positions.
+    let (a, b) = (
+        datafree::onnx::load_model(&s).unwrap(),
+        datafree::onnx::load_model(&conv).unwrap(),
+    );
+    let x =
+        candle_core::Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &candle_core::Device::Cpu).unwrap();
+    let run = |m| {
+        datafree::lower::lower(m, &candle_core::Device::Cpu, candle_core::DType::F32)
+            .unwrap()
+            .forward_taps(&x)
+            .unwrap()
+    };
+    let (fa, fb) = (run(&a), run(&b));
+    let diff = (fa.logits - fb.logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "{diff}");
+    let (pa, pb) = (fa.penultimate.unwrap(), fb.penultimate.unwrap());
+    assert_eq!(pb.dims(), &[2, 64]);
+    assert_eq!(pa.dims(), pb.dims());
+    // It distils as a teacher with the contrastive loss on.
+    let out = datafree(&[
+        "compress",
+        conv.to_str().unwrap(),
+        "--method",
+        "cpsc",
+        "--student",
+        s.to_str().unwrap(),
+        "--bits",
+        "fp32",
+        "--preset",
+        "tiny",
+        "--verify-images",
+        "16",
+        "--json",
+        "--out",
+        dir.path().join("b").to_str().unwrap(),
+    ]);
+    assert_done(&out);
+    // A head the search cannot walk through is refused up front, naming the file.
+    let odd = dir.path().join("odd-head.onnx");
+    conv_head(&s, &odd, true);
+    let c = dir.path().join("c");
+    let out = datafree(&[
+        "compress",
+        odd.to_str().unwrap(),
+        "--method",
+        "cpsc",
+        "--student",
+        s.to_str().unwrap(),
+        "--bits",
+        "fp32",
+        "--out",
+        c.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("teacher")
+            && err.contains("odd-head.onnx")
+            && err.contains("--contrastive-weight 0"),
+        "{err}"
+    );
+    assert!(!c.exists());
+}

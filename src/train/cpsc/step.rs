@@ -94,10 +94,6 @@ fn value(t: &Tensor, what: &str, iter: usize) -> Result<f64> {
     )
 }
 
-fn flat(t: &Tensor) -> Result<Tensor> {
-    Ok(t.flatten_from(1)?)
-}
-
 /// Rows scaled to unit L2 norm.
 fn normalize(x: &Tensor) -> Result<Tensor> {
     let l = (x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
@@ -126,13 +122,13 @@ impl<'a> Run<'a> {
             let st = student.forward_taps(&probe)?.penultimate;
             match (t, st) {
                 (Some(t), Some(st)) => {
-                    let (from, to) = (flat(&st)?.dim(1)?, flat(&t)?.dim(1)?);
+                    let (from, to) = (st.dim(1)?, t.dim(1)?);
                     (from != to)
                         .then(|| Projection::new(&mut head, from, to, &mut rng))
                         .transpose()?
                 }
                 _ => anyhow::bail!(
-                    "the contrastive loss needs the penultimate features of teacher and student (the input of a final Gemm/MatMul classifier); one has none: use --contrastive-weight 0"
+                    "the contrastive loss needs the penultimate features of teacher and student (the input of a final Gemm, MatMul or Conv classifier); one has none: use --contrastive-weight 0"
                 ),
             }
         } else {
@@ -266,7 +262,7 @@ impl<'a> Run<'a> {
             loss = adv.neg()?;
             let contrast = cfg.variant == Variant::Cpsc && cfg.contrastive_weight > 0.0;
             if let (true, Some(tp), Some(sp)) = (contrast, &tf.penultimate, &sf.penultimate) {
-                let (tp, sp) = (normalize(&flat(tp)?)?, normalize(&flat(sp)?)?);
+                let (tp, sp) = (normalize(tp)?, normalize(sp)?);
                 let sp = match &self.projection {
                     Some(p) => p.forward(&sp)?,
                     None => sp,
