@@ -308,8 +308,6 @@ fn topological_order(g: &GraphIndex) -> Result<Vec<usize>> {
     Ok(order)
 }
 
-/// The input of the classifier layer: walk back from the output through head ops to the last
-/// Gemm/MatMul (or 1x1 Conv), and take its data input.
 /// The tensor [`Forward::penultimate`] taps in `model`: the input of its final classifier
 /// layer, if one is found.
 pub fn penultimate_of(model: &LoadedModel) -> Option<String> {
@@ -317,6 +315,8 @@ pub fn penultimate_of(model: &LoadedModel) -> Option<String> {
     penultimate_tensor(&GraphIndex::new(graph), &graph.output.first()?.name)
 }
 
+/// The input of the classifier layer: walk back from the output through head ops to the last
+/// Gemm, MatMul or Conv, and take its data input.
 fn penultimate_tensor(g: &GraphIndex, output: &str) -> Option<String> {
     let mut t = output.to_string();
     for _ in 0..8 {

@@ -153,7 +153,6 @@ fn train(
         cfg.student_lr,
         sp.vars().len()
     ));
-
     let eval_fn = |p: &crate::lower::Program| -> Result<f64> {
         super::program_top1(
             p,
