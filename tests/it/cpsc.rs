@@ -171,9 +171,14 @@ fn a_student_that_does_not_fit_the_teacher_or_float_bits_without_cpsc_are_refuse
 }
 
 fn cpsc(student: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    cpsc_from(QUICKSTART, student, out, extra)
+}
+
+/// `compress TEACHER --method cpsc` at the tiny preset, with checkpoints and grids due.
+fn cpsc_from(teacher: &str, student: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "compress",
-        QUICKSTART,
+        teacher,
         "--method",
         "cpsc",
         "--student",
@@ -558,28 +563,8 @@ fn generators_make_the_teachers_own_image_size_when_it_is_not_square_or_a_multip
     assert_success(&out);
     assert_eq!(grid(&g), expected);
     let c = dir.path().join("cpsc");
-    let out = datafree(&[
-        "compress",
-        teacher,
-        "--method",
-        "cpsc",
-        "--student",
-        s,
-        "--bits",
-        "fp32",
-        "--preset",
-        "tiny",
-        "--epochs",
-        "2",
-        "--iters-per-epoch",
-        "2",
-        "--verify-images",
-        "16",
-        "--json",
-        "--out",
-        c.to_str().unwrap(),
-    ]);
-    assert_done(&out);
+    let budget = ["--bits", "fp32", "--epochs", "2", "--iters-per-epoch", "2"];
+    assert_done(&cpsc_from(teacher, Path::new(s), &c, &budget));
     assert_eq!(grid(&c), expected);
 }
 
@@ -669,40 +654,18 @@ fn an_all_convolutional_head_gives_its_pooled_features_to_the_contrastive_loss()
     assert_eq!(pb.dims(), &[2, 64]);
     assert_eq!(pa.dims(), pb.dims());
     // It distils as a teacher with the contrastive loss on.
-    let out = datafree(&[
-        "compress",
+    let b = dir.path().join("b");
+    assert_done(&cpsc_from(
         conv.to_str().unwrap(),
-        "--method",
-        "cpsc",
-        "--student",
-        s.to_str().unwrap(),
-        "--bits",
-        "fp32",
-        "--preset",
-        "tiny",
-        "--verify-images",
-        "16",
-        "--json",
-        "--out",
-        dir.path().join("b").to_str().unwrap(),
-    ]);
-    assert_done(&out);
+        &s,
+        &b,
+        &["--bits", "fp32"],
+    ));
     // A head the search cannot walk through is refused up front, naming the file.
     let odd = dir.path().join("odd-head.onnx");
     conv_head(&s, &odd, true);
     let c = dir.path().join("c");
-    let out = datafree(&[
-        "compress",
-        odd.to_str().unwrap(),
-        "--method",
-        "cpsc",
-        "--student",
-        s.to_str().unwrap(),
-        "--bits",
-        "fp32",
-        "--out",
-        c.to_str().unwrap(),
-    ]);
+    let out = cpsc_from(odd.to_str().unwrap(), &s, &c, &["--bits", "fp32"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
