@@ -225,7 +225,7 @@ pub fn self_check(
 /// agrees with the teacher no more often than predicting the teacher's most frequent class for
 /// every image would. Without data, on the `synthesized` images (a hundred or so, not the
 /// distribution the student was distilled on): refused only when it also puts every one of them
-/// into one class, since a weak working student can fall below the majority share there (two
+/// into one class, since a weak working student can fall below the majority share there (five
 /// measured cases: docs/results.md, "Distillation self-check"). Inputs the teacher puts into a
 /// single class cannot tell a constant student apart and pass.
 pub fn distil_check(synthesized: &Comparison, data: Option<&Comparison>) -> Option<String> {
