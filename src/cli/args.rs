@@ -290,8 +290,9 @@ pub struct GdfqArgs {
     pub lr_milestones: Option<Vec<usize>>,
     #[arg(long)]
     pub lr_gamma: Option<f64>,
-    /// GDFQ's generator [default: gdfq-cifar; on both CIFAR-100 teachers measured, gdfq-imagenet
-    /// did better at w4a4: docs/results.md, "GDFQ's generator on 100 classes"].
+    /// GDFQ's generator [default: gdfq-imagenet (class-conditional BN) with --preset quick|tiny,
+    /// gdfq-cifar (the reference's) with --preset paper; measured in docs/results.md, "GDFQ's
+    /// generator"].
     #[arg(long, value_enum)]
     pub generator: Option<GeneratorFamily>,
     #[arg(long)]

@@ -185,8 +185,9 @@ pub fn state_object<T: Serialize>(s: &T) -> Result<serde_json::Map<String, serde
 }
 
 /// Deserializes a step's state and refuses it when its settings (`config`) differ from
-/// `expected`: resuming must continue the same run.
-pub fn checked_state<T: DeserializeOwned, C: PartialEq + std::fmt::Debug>(
+/// `expected`: resuming must continue the same run. The refusal names each setting that
+/// differs with both values (a changed default shows up as one line, not as a dump).
+pub fn checked_state<T: DeserializeOwned, C: PartialEq + Serialize>(
     dir: &Path,
     state: serde_json::Map<String, serde_json::Value>,
     expected: &C,
@@ -194,11 +195,31 @@ pub fn checked_state<T: DeserializeOwned, C: PartialEq + std::fmt::Debug>(
 ) -> Result<T> {
     let s: T = serde_json::from_value(serde_json::Value::Object(state))
         .with_context(|| format!("{}: unreadable checkpoint state", dir.display()))?;
-    anyhow::ensure!(
-        config(&s) == expected,
-        "{}: the checkpoint was made with different settings ({:?}); resume with the same flags",
-        dir.display(),
-        config(&s)
-    );
+    if config(&s) != expected {
+        bail!(
+            "{}: the checkpoint was made with different settings ({}); resume with the checkpoint's settings",
+            dir.display(),
+            setting_differences(config(&s), expected)?.join("; ")
+        );
+    }
     Ok(s)
+}
+
+/// `name: checkpoint A, this run B` for every top-level field where the two settings differ.
+fn setting_differences<C: Serialize>(saved: &C, now: &C) -> Result<Vec<String>> {
+    let (saved, now) = (serde_json::to_value(saved)?, serde_json::to_value(now)?);
+    let null = serde_json::Value::Null;
+    let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
+        return Ok(vec![format!("checkpoint {saved}, this run {now}")]);
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    Ok(keys
+        .into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
+            (x != y).then(|| format!("{k}: checkpoint {x}, this run {y}"))
+        })
+        .collect())
 }

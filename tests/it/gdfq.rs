@@ -65,11 +65,16 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
         "same seed, same student"
     );
     assert!(a.join("samples-000006.png").exists() && a.join("samples-000012.png").exists());
-    // The quick preset (the default) learns ranges and clips weights.
+    // The quick preset (the default) learns ranges, clips weights and trains the
+    // class-conditional-BN generator.
     let cfg = &report(&a)["training"]["config"];
     assert_eq!(
-        (cfg["range_lr"].as_f64(), cfg["weight_clip"].as_str()),
-        (Some(1e-3), Some("output"))
+        (
+            cfg["range_lr"].as_f64(),
+            cfg["weight_clip"].as_str(),
+            cfg["generator"].as_str()
+        ),
+        (Some(1e-3), Some("output"), Some("gdfq-imagenet"))
     );
 
     // Crash after iteration 7 (last checkpoint: 6), then resume in place.
@@ -77,6 +82,18 @@ fn same_seed_same_student_and_a_crash_resumes_bit_for_bit() {
     let crashed = gdfq(&c, &["--stop-after", "7"]);
     assert!(!crashed.status.success());
     assert!(!c.join("student.onnx").exists());
+    // Resuming with other settings is refused, naming the setting and both values, and
+    // leaves the checkpoint to resume from.
+    let other = gdfq(
+        &c,
+        &["--resume", c.to_str().unwrap(), "--generator", "gdfq-cifar"],
+    );
+    assert_eq!(other.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        err.contains(r#"generator: checkpoint "gdfq-imagenet", this run "gdfq-cifar""#),
+        "{err}"
+    );
     let resumed = gdfq(&c, &["--resume", c.to_str().unwrap()]);
     assert_success(&resumed);
     assert_eq!(
@@ -371,7 +388,16 @@ fn the_generator_emits_normalised_images_and_is_seeded() {
 #[test]
 fn the_generator_flag_picks_the_generator() {
     use datafree::train::gdfq::{Config, GeneratorFamily, Preset, build_generator};
-    let mut cfg = Config::preset(Preset::Quick, 0);
+    // The reference's generator in the paper preset, class-conditional BN in the others.
+    assert_eq!(
+        Config::preset(Preset::Quick, 0).generator,
+        GeneratorFamily::GdfqImagenet
+    );
+    assert_eq!(
+        Config::preset(Preset::Tiny, 0).generator,
+        GeneratorFamily::GdfqImagenet
+    );
+    let mut cfg = Config::preset(Preset::Paper, 0);
     let names = |cfg: &Config| -> Vec<String> {
         build_generator(cfg, 10, (3, 32, 32), &Device::Cpu)
             .unwrap()
