@@ -130,8 +130,8 @@ impl Config {
         match p {
             Preset::Paper => paper,
             Preset::Quick => Config {
-                // Class-conditional BN: as good on two 10-class teachers and 2.6-5.7 points
-                // ahead on both CIFAR-100 teachers at w4a4, where the reference's CIFAR
+                // Class-conditional BN: within 1.2 points either way on four 10-class teachers
+                // and 2.6-5.7 points ahead on both CIFAR-100 teachers at w4a4, where the reference's CIFAR
                 // generator (label embedding times z) learns the classes too slowly for this
                 // budget (docs/results.md, "GDFQ's generator").
                 generator: GeneratorFamily::GdfqImagenet,
